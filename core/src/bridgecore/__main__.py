@@ -1,0 +1,3 @@
+from bridgecore.cli import main
+
+raise SystemExit(main())

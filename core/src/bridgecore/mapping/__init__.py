@@ -1,0 +1,43 @@
+"""Parameter mappings between HF tensors and Megatron params: pure torch, no megatron import."""
+
+from bridgecore.mapping.pattern import Pattern
+from bridgecore.mapping.table import Binding, Coverage, MappingTable
+from bridgecore.mapping.types import (
+    ColumnParallel,
+    Concat,
+    FusedQKV,
+    GatedMLP,
+    HFPiece,
+    Mapping,
+    PackedGatedMLP,
+    Replicated,
+    RowParallel,
+    Segment,
+    Segmented,
+    Shard,
+    Shifted,
+    Source,
+    Stacked,
+)
+
+__all__ = [
+    "Binding",
+    "ColumnParallel",
+    "Concat",
+    "Coverage",
+    "FusedQKV",
+    "GatedMLP",
+    "HFPiece",
+    "Mapping",
+    "MappingTable",
+    "PackedGatedMLP",
+    "Pattern",
+    "Replicated",
+    "RowParallel",
+    "Segment",
+    "Segmented",
+    "Shard",
+    "Shifted",
+    "Source",
+    "Stacked",
+]

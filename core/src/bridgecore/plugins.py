@@ -1,0 +1,121 @@
+"""Finding and choosing plugins: entry points in the group ``bridgecore``.
+
+``BRIDGECORE_PLUGINS=name,name`` restricts which installed plugins load (by entry-point name or
+distribution name). Plugins registered in-process with :meth:`Plugins.register` count too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from bridgecore import hookspecs
+from bridgecore.errors import BridgeError
+
+#: families with a first-party plugin, for the install hint (architecture -> distribution).
+KNOWN_FAMILIES = {
+    "Step3p5ForCausalLM": "bridgecore-step35",
+    "Step3p7ForConditionalGeneration": "bridgecore-step37",
+    "Qwen3_5ForCausalLM": "bridgecore-qwen35",
+    "Qwen3_5MoeForCausalLM": "bridgecore-qwen35",
+    "Qwen3_5ForConditionalGeneration": "bridgecore-qwen35",
+    "Qwen3_5MoeForConditionalGeneration": "bridgecore-qwen35",
+}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    module: Any
+    architectures: list[str] = field(default_factory=list)
+
+    @property
+    def hooks(self) -> list[str]:
+        return sorted(n for n in dir(hookspecs) if callable(getattr(self.module, n, None)) and _is_hook(n))
+
+
+def _is_hook(name: str) -> bool:
+    return hasattr(getattr(hookspecs, name, None), "bridgecore_spec")
+
+
+class Plugins:
+    """The loaded plugins and the pluggy manager that calls them."""
+
+    def __init__(self, load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        if load_entry_points:
+            self._load()
+
+    def _load(self) -> None:
+        wanted = {w.strip() for w in os.environ.get("BRIDGECORE_PLUGINS", "").split(",") if w.strip()}
+        for ep in entry_points(group=hookspecs.PROJECT):
+            dist = ep.dist.name if ep.dist else ep.name
+            if wanted and ep.name not in wanted and dist not in wanted:
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not hide the others' errors
+                raise BridgeError(f"plugin {ep.name} ({dist}) failed to load: {type(exc).__name__}: {exc}") from exc
+            version = ep.dist.version if ep.dist else "?"
+            self.register(module, name=ep.name, distribution=dist, version=version)
+
+    def register(self, module: Any, name: str, distribution: str | None = None, version: str = "?") -> None:
+        self.pm.register(module, name=name)
+        claimed = module.architectures() if hasattr(module, "architectures") else []
+        self.infos[name] = PluginInfo(name, distribution or name, version, module, list(claimed or []))
+
+    def owners(self, architecture: str) -> list[PluginInfo]:
+        return [info for info in self.infos.values() if architecture in info.architectures]
+
+    def conflicts(self) -> dict[str, list[PluginInfo]]:
+        arches = {a for info in self.infos.values() for a in info.architectures}
+        return {a: self.owners(a) for a in sorted(arches) if len(self.owners(a)) > 1}
+
+    def choose(self, hf_config: dict[str, Any], plugin: str | None = None, where: str = "config.json") -> PluginInfo:
+        """The one plugin that converts this checkpoint, or a one-line error saying why there is none."""
+        arches = hf_config.get("architectures") or []
+        arch = arches[0] if arches else hf_config.get("model_type", "<none>")
+        if plugin is not None:
+            if plugin not in self.infos:
+                raise BridgeError(f"--plugin {plugin}: not installed; installed: {self.summary()}")
+            return self.infos[plugin]
+        owners = self.owners(arch)
+        if len(owners) > 1:
+            names = " and ".join(f"{o.name} ({o.distribution})" for o in owners)
+            raise BridgeError(f"{where}: architecture {arch} is claimed by {names}; pick one with --plugin NAME")
+        if not owners:
+            hint = KNOWN_FAMILIES.get(arch)
+            tip = f"; pip install {hint}" if hint else ""
+            raise BridgeError(f"{where}: no installed plugin claims architecture {arch}; installed: {self.summary()}{tip}")
+        return owners[0]
+
+    def summary(self) -> str:
+        if not self.infos:
+            return "none"
+        return ", ".join(f"{i.name} ({', '.join(i.architectures) or 'no architectures'})" for i in self.infos.values())
+
+    def call_owned(self, hook: str, owner: PluginInfo, **kwargs: Any) -> Any:
+        """Call a firstresult hook on the owning plugin alone."""
+        impl = getattr(owner.module, hook, None)
+        if impl is None:
+            raise BridgeError(f"plugin {owner.name} does not implement the {hook} hook")
+        params = impl.__code__.co_varnames[: impl.__code__.co_argcount]
+        return impl(**{k: v for k, v in kwargs.items() if k in params})
+
+    def call_all(self, hook: str, **kwargs: Any) -> list[Any]:
+        return getattr(self.pm.hook, hook)(**kwargs)
+
+
+@cache
+def installed() -> Plugins:
+    """The plugins installed in this environment (loaded once per process)."""
+    return Plugins()
