@@ -106,3 +106,21 @@ def hf_reference(hf_config: dict[str, Any]) -> Any:
     Use transformers' own model class where transformers has one (built from the plain config, never
     with remote code). ``firstresult``.
     """
+
+
+@hookspec
+def prepare_model(model: Any, config: ModelConfig, hf_keys: frozenset[str]) -> None:
+    """Adjust a freshly built Megatron model (one PP stage) before weights are loaded.
+
+    Every plugin is asked. The quant plugin attaches quantizer state (amax buffers) here when the
+    checkpoint carries amax tensors; a plugin with nothing to add does not implement it.
+    """
+
+
+@hookspec
+def export_formats() -> dict[str, Any]:
+    """Extra output formats for ``bridgecore export --quant FORMAT``.
+
+    Map a format name (``fp8``, ``nvfp4``) to ``fn(src_dir, out_dir, overwrite) -> None`` that turns
+    an exported HF checkpoint into that format, streaming tensor by tensor. All plugins are asked.
+    """
