@@ -198,7 +198,7 @@ def _collapse_repeats(rows: torch.Tensor, dim: int, repeat: int, name: str) -> t
     moved = rows.movedim(dim, 0)
     grouped = moved.reshape(moved.shape[0] // repeat, repeat, *moved.shape[1:])
     first = grouped[:, 0]
-    if not torch.equal(grouped, first.unsqueeze(1).expand_as(grouped)):
+    if not rows.is_meta and not torch.equal(grouped, first.unsqueeze(1).expand_as(grouped)):
         raise BridgeError(
             f"{name}: the {repeat} Megatron rows that expand each HF row are no longer equal;"
             " the HF layout cannot represent this tensor"

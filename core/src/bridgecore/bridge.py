@@ -1,0 +1,272 @@
+"""AutoBridge: one HF checkpoint, its plugin, and the Megatron model it converts to and from.
+
+Import: every rank binds its own params to mappings and reads only the HF slices they need.
+Export: the HF layout is planned up front from shapes alone (mappings run on meta tensors), one
+rank creates the files, and every writer rank writes its own tensors, or its experts' slabs of a
+stacked tensor, at their offsets; the output appears only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from bridgecore.errors import BridgeError
+from bridgecore.hf.config import read_config
+from bridgecore.hf.reader import CheckpointReader
+from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
+from bridgecore.mapping import Binding, HFPiece, MappingTable
+from bridgecore.megatron import parallel
+from bridgecore.megatron.build import build_chunks
+from bridgecore.megatron.config import ModelConfig
+from bridgecore.megatron.params import LocalTensor, local_tensors
+from bridgecore.plugins import PluginInfo, Plugins, installed
+
+Model = list[torch.nn.Module]
+
+
+def exact_cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``tensor`` in ``dtype``, or an error if that cast would change any value."""
+    if tensor.dtype == dtype or tensor.is_meta:
+        return tensor.to(dtype)
+    cast = tensor.to(dtype)
+    back = cast.to(tensor.dtype)
+    same = (back == tensor) | (back.isnan() & tensor.isnan()) if tensor.is_floating_point() else back == tensor
+    if not bool(same.all()):
+        raise BridgeError(
+            f"{what}: casting {tensor.dtype} to {dtype} would change values;"
+            f" keep Megatron params in {tensor.dtype} (--params-dtype)"
+        )
+    return cast
+
+
+class AutoBridge:
+    """The conversion of one HF checkpoint directory, driven by the plugin that claims it."""
+
+    def __init__(self, hf_dir: Path | None, hf_config: dict[str, Any], plugin: PluginInfo, plugins: Plugins,
+                 config: ModelConfig, reader: CheckpointReader | None):
+        self.hf_dir, self.hf_config, self.plugin, self.plugins = hf_dir, hf_config, plugin, plugins
+        self.config, self.reader = config, reader
+
+    @classmethod
+    def from_hf_pretrained(cls, path: str | Path, *, plugin: str | None = None, plugins: Plugins | None = None,
+                           params_dtype: torch.dtype | None = None, weights: bool = True) -> AutoBridge:
+        """Read ``config.json`` (plain JSON, never remote code) and, lazily, the safetensors files."""
+        hf_dir = Path(path)
+        hf_config = read_config(hf_dir)
+        return cls.from_hf_config(hf_config, hf_dir=hf_dir, plugin=plugin, plugins=plugins,
+                                  params_dtype=params_dtype, reader=CheckpointReader(hf_dir) if weights else None)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any], *, hf_dir: Path | None = None, plugin: str | None = None,
+                       plugins: Plugins | None = None, params_dtype: torch.dtype | None = None,
+                       reader: CheckpointReader | None = None) -> AutoBridge:
+        plugins = plugins or installed()
+        where = str(hf_dir / "config.json") if hf_dir else "config"
+        owner = plugins.choose(hf_config, plugin, where=where)
+        config = plugins.call_owned("provider_config", owner, hf_config=hf_config)
+        if config is None:
+            raise BridgeError(f"{where}: plugin {owner.name} declined this config")
+        config.hf_config = hf_config
+        if params_dtype is not None:
+            config = dataclasses.replace(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+                                         fp16=params_dtype == torch.float16)
+        return cls(hf_dir, hf_config, owner, plugins, config, reader)
+
+    # -- configuration and tables -------------------------------------------------------------
+    def to_megatron_config(self) -> ModelConfig:
+        return self.config
+
+    @property
+    def hf_keys(self) -> frozenset[str]:
+        return frozenset(self.reader.keys()) if self.reader else frozenset()
+
+    def mapping_table(self) -> MappingTable:
+        weights = self.plugins.call_owned("mappings", self.plugin, config=self.config, hf_keys=self.hf_keys)
+        if not weights:
+            raise BridgeError(f"plugin {self.plugin.name} returned no mappings for this checkpoint")
+        extra = [m for ms in self.plugins.call_all("quant_mappings", config=self.config, mappings=weights) for m in ms or ()]
+        return MappingTable(list(weights) + extra)
+
+    # -- Megatron model -------------------------------------------------------------------------
+    def to_megatron_model(self, layout: parallel.Layout = parallel.Layout(), load_weights: bool = True,
+                          allow_unmapped: Sequence[str] = ()) -> Model:
+        """Build this rank's model chunks for ``layout`` and (by default) load the HF weights."""
+        parallel.init_model_parallel(layout)
+        self.config = dataclasses.replace(
+            self.config, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+            expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
+            virtual_pipeline_model_parallel_size=layout.vpp, pipeline_dtype=self.config.params_dtype,
+        )
+        spec = lambda vp_stage: self.plugins.call_owned("layer_spec", self.plugin, config=self.config, vp_stage=vp_stage)  # noqa: E731
+        model = parallel.collective(build_chunks, self.config, spec)
+        for chunk in model:
+            self.plugins.call_all("prepare_model", model=chunk, config=self.config, hf_keys=self.hf_keys)
+        if load_weights:
+            self.load_hf_weights(model, allow_unmapped=allow_unmapped)
+        return model
+
+    def bind(self, model: Model, hf_keys: frozenset[str] | None, allow_unmapped: Sequence[str] = ()) -> list[tuple[LocalTensor, Binding]]:
+        """This rank's tensors with their mappings; coverage is checked over all ranks together."""
+        table = self.mapping_table()
+        tensors = [t for t in local_tensors(model, self.config) if not self._tied_output(t)]
+
+        def cover() -> None:
+            names = sorted({n for names in parallel.all_gather_objects([t.name for t in tensors]) for n in names})
+            if parallel.rank() == 0:
+                table.cover(names, hf_keys, allow_unmapped)
+
+        parallel.collective(cover)
+        bound = []
+        for t in tensors:
+            binding = table.find(t.name)
+            if binding is None:
+                continue  # waived by allow_unmapped, reported by cover()
+            if t.partition_dim is not None and binding.mapping.partition_dim != t.partition_dim:
+                raise BridgeError(
+                    f"{t.name}: Megatron splits it along dim {t.partition_dim} but {binding.mapping!r}"
+                    f" splits along {binding.mapping.partition_dim}"
+                )
+            bound.append((t, binding))
+        return bound
+
+    def _tied_output(self, t: LocalTensor) -> bool:
+        # With tied embeddings the last stage keeps a copy of the embedding as output_layer.weight.
+        return self.config.share_embeddings_and_output_weights and t.name.endswith("output_layer.weight")
+
+    def load_hf_weights(self, model: Model, allow_unmapped: Sequence[str] = ()) -> None:
+        """Copy the HF weights into ``model``, every tensor read only for the slices this rank holds."""
+        if self.reader is None:
+            raise BridgeError("this bridge was made without weights (from a config only)")
+        bound = parallel.collective(self.bind, model, self.hf_keys, allow_unmapped)
+
+        def load() -> None:
+            for t, b in tqdm(bound, desc="import", unit="tensor", disable=parallel.rank() != 0, leave=False):
+                value = b.mapping.to_megatron(self.reader, b.capture_dict, t.shard)
+                if tuple(value.shape) != tuple(t.tensor.shape):
+                    raise BridgeError(
+                        f"{t.name}: {b.mapping!r} made shape {list(value.shape)} from {', '.join(b.hf)},"
+                        f" but the Megatron tensor has {list(t.tensor.shape)}"
+                    )
+                with torch.no_grad():
+                    t.tensor.copy_(exact_cast(value, t.tensor.dtype, t.name))
+
+        parallel.collective(load)
+
+    # -- export ---------------------------------------------------------------------------------
+    def _pieces(self, t: LocalTensor, b: Binding, meta: bool = False) -> list[HFPiece]:
+        if meta:
+            shards = [torch.empty(t.tensor.shape, dtype=t.tensor.dtype, device="meta")] * t.shard.size
+        elif t.shard.size > 1:
+            shards = [torch.empty_like(t.tensor) for _ in range(t.shard.size)]
+            dist.all_gather(shards, t.tensor.contiguous(), group=t.group)
+        else:
+            shards = [t.tensor]
+        pieces = b.mapping.to_hf(shards, b.capture_dict)
+        for piece in pieces:
+            dtype = self.reader.dtype(piece.name) if self.reader and piece.name in self.hf_keys else t.tensor.dtype
+            piece.tensor = exact_cast(piece.tensor.detach(), dtype, piece.name)
+        return pieces
+
+    def plan(self, bound: list[tuple[LocalTensor, Binding]]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Every HF tensor the export writes, in the source checkpoint's order when there is one."""
+        mine = {}
+        for t, b in bound:
+            if t.writer:
+                for p in self._pieces(t, b, meta=True):
+                    mine[p.name] = (p.full_shape, p.tensor.dtype)
+        merged: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for part in parallel.all_gather_objects(mine):
+            for name, entry in part.items():
+                if merged.setdefault(name, entry) != entry:
+                    raise BridgeError(f"{name}: ranks disagree on its shape/dtype: {merged[name]} vs {entry}")
+        order = [k for k in (self.reader.keys() if self.reader else []) if k in merged]
+        order += sorted(set(merged) - set(order))
+        return [(name, *merged[name]) for name in order]
+
+    def export_hf_weights(self, model: Model) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF (name, tensor) pairs, on every rank, gathered over TP/EP/PP; stacked experts whole.
+
+        For big models prefer :meth:`save_hf_pretrained`, which never gathers beyond TP.
+        """
+        bound = parallel.collective(self.bind, model, None)
+        pending: dict[str, torch.Tensor] = {}
+        filled: dict[str, int] = {}
+        for part in _gathered_pieces(self, bound):
+            for piece in part:
+                if piece.expert is None:
+                    yield piece.name, piece.tensor
+                    continue
+                stack = pending.setdefault(piece.name, torch.empty(piece.full_shape, dtype=piece.tensor.dtype))
+                stack[piece.expert] = piece.tensor
+                filled[piece.name] = filled.get(piece.name, 0) + 1
+                if filled[piece.name] == piece.num_experts:
+                    yield piece.name, pending.pop(piece.name)
+
+    def save_hf_pretrained(self, model: Model, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
+                           overwrite: bool = False) -> Path:
+        """Write the HF checkpoint, all writer ranks in parallel; ``out_dir`` appears when complete."""
+        out_dir = Path(out_dir)
+        parallel.collective(check_target, out_dir, overwrite)
+        bound = parallel.collective(self.bind, model, None)
+        plan = parallel.collective(self.plan, bound)
+        size = parse_size(max_shard_size)
+        writer = None
+        try:
+            if parallel.rank() == 0:
+                writer = ShardedWriter(out_dir, plan, size)
+                writer.create()
+            temp = parallel.broadcast_object(writer.temp_dir if writer else None)
+            if writer is None:
+                writer = ShardedWriter.attach(out_dir, plan, size, temp)
+
+            def write() -> None:
+                for t, b in tqdm(bound, desc="export", unit="tensor", disable=parallel.rank() != 0, leave=False):
+                    pieces = self._pieces(t, b)
+                    if t.writer:
+                        for p in pieces:
+                            writer.write(p.name, p.tensor, expert=p.expert)
+
+            parallel.collective(write)
+            written = parallel.all_gather_objects(writer.written())
+
+            def commit() -> None:
+                if parallel.rank() != 0:
+                    return
+                if self.hf_dir is None:
+                    _write_json(Path(writer.temp_dir) / "config.json", self.hf_config)
+                writer.commit(written, side_files_from=self.hf_dir, overwrite=overwrite)
+
+            parallel.collective(commit)
+        except BaseException:
+            if writer is not None and parallel.rank() == 0:
+                writer.abort()
+            raise
+        return out_dir
+
+
+def _gathered_pieces(bridge: AutoBridge, bound: list[tuple[LocalTensor, Binding]]) -> Iterator[list[HFPiece]]:
+    """Each tensor's HF pieces as every rank sees them: gathered over TP, then shared over EP and PP."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise BridgeError("export_hf_weights gathers over TP and EP only; with PP>1 use save_hf_pretrained")
+    for t, b in bound:
+        pieces = bridge._pieces(t, b)
+        if not t.writer:
+            pieces = []
+        if t.expert and ps.get_expert_model_parallel_world_size() > 1:
+            pieces = [p for part in parallel.all_gather_objects(pieces, ps.get_expert_model_parallel_group()) for p in part]
+        yield pieces
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    import json
+
+    path.write_text(json.dumps(obj, indent=2) + "\n")

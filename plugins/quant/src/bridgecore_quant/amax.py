@@ -1,0 +1,135 @@
+"""Quantizer amax mappings, derived from any plugin's weight mappings.
+
+ModelOpt gives every quantized linear ``<m>`` two buffers, ``<m>.weight_quantizer._amax`` and
+``<m>.input_quantizer._amax``, and attention ``<attn>.k_bmm_quantizer._amax`` /
+``v_bmm_quantizer._amax``. An amax follows its weight: where Megatron fuses several HF linears
+(q/k/v into ``linear_qkv``, gate/up into ``linear_fc1``) one Megatron quantizer serves them all.
+
+- Per-tensor amax (shape ``[]`` or ``[1]``, kept as the checkpoint has it) fans out: import takes
+  the first HF target and requires the others to be equal, export writes the value to every target.
+- Per-channel (``[out, 1]``) and per-block (``[out, in/16]``) amax are laid out like the weight
+  itself: the weight mapping's layout is reused on the amax names, so a fused QKV amax is
+  interleaved per query group and split over TP exactly as the weight rows are. Along a weight dim
+  the amax has reduced to size 1 (a row-parallel weight's per-channel amax) nothing is split.
+- Stacked HF experts (``moe.gate_proj.weight`` ``[E, I, H]``) carry stacked amax:
+  ``moe.gate_proj.weight_quantizer._amax`` of shape ``[E]`` (per-tensor, one per expert) or
+  ``[E, I, 1]`` (per-channel), and ``moe.gate_proj.input_quantizer._amax`` of shape ``[E]``;
+  each Megatron expert holds its slab.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from bridgecore.errors import BridgeError
+from bridgecore.mapping import FusedQKV, HFPiece, Mapping, Pattern, Replicated, Shard, Shifted, Source, Stacked
+
+WEIGHT_AMAX = "weight_quantizer._amax"
+INPUT_AMAX = "input_quantizer._amax"
+KV_AMAX = ("k_bmm_quantizer._amax", "v_bmm_quantizer._amax")
+#: Megatron weights that are not matmuls, so no ModelOpt quantizer sits on them.
+_NOT_LINEAR = ("norm", "embedding", "conv1d")
+
+
+def module_of(text: str) -> str:
+    """``a.b.linear_qkv.weight`` -> ``a.b.linear_qkv``."""
+    return text.rsplit(".", 1)[0]
+
+
+def is_per_tensor(shape: Sequence[int]) -> bool:
+    return len(shape) <= 1 and (not shape or shape[0] == 1)
+
+
+def _renamed(mapping: Mapping, megatron: str, hf: Sequence[str]) -> Mapping:
+    """A copy of ``mapping`` (same type and layout parameters) on other tensor names."""
+    out = copy.copy(mapping)
+    out.megatron, out.hf = Pattern(megatron), tuple(Pattern(h) for h in hf)
+    return out
+
+
+class Amax(Mapping):
+    """One amax buffer of the quantized linear that ``weight`` (a ``<m>.weight`` mapping) fills."""
+
+    def __init__(self, weight: Mapping, suffix: str):
+        if not weight.megatron.text.endswith(".weight"):
+            raise ValueError(f"{weight}: amax mappings derive from `.weight` mappings only")
+        megatron = f"{module_of(weight.megatron.text)}.{suffix}"
+        hf = [f"{module_of(p.text)}.{suffix}" for p in weight.hf]
+        super().__init__(megatron, hf, layers=weight.layers)
+        self.weight = weight
+        self.layout = _renamed(weight, megatron, hf)
+
+    @property
+    def partition_dim(self) -> int | None:  # type: ignore[override]
+        # Only amax that keep the weight's partitioned dim are split; state.attach decides per buffer.
+        return self.weight.partition_dim
+
+    def splits(self, shape: Sequence[int]) -> bool:
+        """Whether an amax of this (HF) shape is split over TP like the weight."""
+        dim = self.weight.partition_dim
+        return not is_per_tensor(shape) and dim is not None and len(shape) > dim and shape[dim] > 1
+
+    def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
+        names = self.hf_names(captures)
+        shapes = [tuple(source.shape(n)) for n in names]
+        if not any(is_per_tensor(s) for s in shapes):
+            return self.layout.to_megatron(source, captures, shard)
+        if len(set(shapes)) > 1:
+            raise BridgeError(f"{names[0]}: one Megatron quantizer serves {', '.join(names)}, but their amax shapes differ: {shapes}")
+        first = source.read(names[0], ())
+        for name in names[1:]:
+            other = source.read(name, ())
+            if not torch.equal(other, first):
+                raise BridgeError(
+                    f"{name}: amax {other.flatten().tolist()} differs from {names[0]} amax {first.flatten().tolist()};"
+                    f" Megatron fuses them into one quantizer ({self.megatron.format(captures)}), so they must be equal"
+                )
+        return first
+
+    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
+        if not is_per_tensor(shards[0].shape):
+            return self.layout.to_hf(shards, captures)
+        if not shards[0].is_meta and any(not torch.equal(s, shards[0]) for s in shards[1:]):
+            raise BridgeError(f"{self.megatron.format(captures)}: TP ranks hold different per-tensor amax values")
+        return [HFPiece(name, shards[0].clone()) for name in self.hf_names(captures)]
+
+
+def is_quantizable(mapping: Mapping) -> bool:
+    """Whether ``mapping`` fills the weight of a linear ModelOpt may quantize."""
+    if isinstance(mapping, Shifted) or not mapping.megatron.text.endswith(".weight"):
+        return False
+    leaf = module_of(mapping.megatron.text).rsplit(".", 1)[-1]
+    return not any(word in leaf for word in _NOT_LINEAR)
+
+
+def weight_amax_mappings(weight: Mapping) -> list[Mapping]:
+    """The weight and input amax mappings of one quantizable weight mapping."""
+    if isinstance(weight, Stacked):
+        return [Stacked(Amax(weight.inner, s), weight.num_experts) for s in (WEIGHT_AMAX, INPUT_AMAX)]
+    return [Amax(weight, s) for s in (WEIGHT_AMAX, INPUT_AMAX)]
+
+
+def kv_amax_mappings(qkv: FusedQKV) -> list[Mapping]:
+    """``<attn>.core_attention.{k,v}_bmm_quantizer._amax`` <-> ``<hf attn>.{k,v}_bmm_quantizer._amax``.
+
+    Derived only when HF q, k and v live under one attention module (``<hf attn>.q_proj.weight``).
+    """
+    parents = {module_of(module_of(p.text)) for p in qkv.hf[:3]}
+    if len(parents) != 1:
+        return []
+    hf_attn, attn = parents.pop(), module_of(module_of(qkv.megatron.text))
+    return [Replicated(f"{attn}.core_attention.{s}", f"{hf_attn}.{s}", layers=qkv.layers) for s in KV_AMAX]
+
+
+def amax_mappings(mappings: Sequence[Mapping]) -> list[Mapping]:
+    """Every amax mapping the weight ``mappings`` of any family imply."""
+    out: list[Mapping] = []
+    for m in mappings:
+        if is_quantizable(m):
+            out += weight_amax_mappings(m)
+        if isinstance(m, FusedQKV):
+            out += kv_amax_mappings(m)
+    return out

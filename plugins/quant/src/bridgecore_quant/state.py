@@ -1,0 +1,119 @@
+"""Quantizer state on a Megatron model: the containers, and attaching them where a checkpoint has amax.
+
+A :class:`QuantizerState` stands in for a ModelOpt ``TensorQuantizer`` as far as conversion goes: it
+holds the calibrated ``_amax`` as a persistent buffer, under the module name ModelOpt uses
+(``<linear>.weight_quantizer``, ``<linear>.input_quantizer``, ``core_attention.k_bmm_quantizer``), so
+the core converts it like any other tensor and a Megatron checkpoint carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from bridgecore.errors import BridgeError
+from bridgecore.mapping import MappingTable, Stacked
+
+from bridgecore_quant.amax import INPUT_AMAX, KV_AMAX, WEIGHT_AMAX, Amax
+
+#: the quantizer containers a checkpoint may carry, by the buffer's suffix.
+AMAX_SUFFIX = "._amax"
+
+
+class QuantizerState(torch.nn.Module):
+    """The calibrated range of one quantizer: a persistent ``_amax`` buffer, fp32 like ModelOpt's."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("_amax", torch.zeros(tuple(shape), dtype=dtype))
+
+    @property
+    def amax(self) -> torch.Tensor:
+        return self._amax
+
+    def extra_repr(self) -> str:
+        return f"amax={list(self._amax.shape)}"
+
+
+def has_amax(hf_keys: Iterable[str]) -> bool:
+    return any(k.endswith("_quantizer" + AMAX_SUFFIX) for k in hf_keys)
+
+
+def _local_shape(hf_shape: tuple[int, ...], dim: int | None, tp: int, name: str) -> tuple[int, ...]:
+    if dim is None:
+        return hf_shape
+    if hf_shape[dim] % tp:
+        raise BridgeError(f"{name}: amax of shape {list(hf_shape)} does not split over TP={tp} along dim {dim}")
+    return hf_shape[:dim] + (hf_shape[dim] // tp,) + hf_shape[dim + 1 :]
+
+
+def _candidates(model: torch.nn.Module) -> Iterable[tuple[str, str]]:
+    """(module name, quantizer suffix) of every place a quantizer may sit, by local module name."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            yield name, WEIGHT_AMAX
+            yield name, INPUT_AMAX
+        if name.endswith("core_attention"):
+            for suffix in KV_AMAX:
+                yield name, suffix
+
+
+def attach_quantizers(
+    model: torch.nn.Module,
+    table: MappingTable,
+    hf_shape: Callable[[str], tuple[int, ...]],
+    hf_keys: frozenset[str],
+    global_name: Callable[[str], str],
+    tp: int,
+    etp: int,
+) -> list[str]:
+    """Add a :class:`QuantizerState` wherever ``table`` maps an amax the checkpoint has.
+
+    ``global_name`` turns a local module path into the global one the mappings speak; ``hf_shape``
+    gives a checkpoint tensor's shape; ``tp``/``etp`` are the (expert) TP sizes. Per-channel amax that keep the weight's partitioned dim are
+    marked TP-partitioned like the weight, so the core splits and gathers them. Returns the global
+    names of the buffers added.
+    """
+    added = []
+    for local, suffix in _candidates(model):
+        name = global_name(f"{local}.{suffix}" if local else suffix)
+        binding = table.find(name)
+        if binding is None or binding.hf[0] not in hf_keys:
+            continue
+        mapping = binding.mapping
+        shape = tuple(hf_shape(binding.hf[0]))
+        stacked = isinstance(mapping, Stacked)
+        inner = mapping.inner if stacked else mapping
+        if stacked:
+            shape = shape[1:]
+        dim = inner.weight.partition_dim if isinstance(inner, Amax) and inner.splits(shape) else None
+        size = etp if ".experts." in name else tp
+        quantizer = QuantizerState(_local_shape(shape, dim, size, binding.hf[0]))
+        if dim is not None:
+            quantizer._amax.tensor_model_parallel = True
+            quantizer._amax.partition_dim = dim
+        owner = model.get_submodule(local) if local else model
+        owner.add_module(suffix.split(".")[0], quantizer)
+        added.append(name)
+    return added
+
+
+def global_namer(model: torch.nn.Module, config: Any) -> Callable[[str], str]:
+    """Local -> global names for one PP stage, as the core's parameter iteration names them."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.multi_token_prediction import get_mtp_layer_offset
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from bridgecore.megatron.params import global_name
+
+    vp_stage = getattr(model, "vp_stage", None)
+    layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    mtp_offset = get_mtp_layer_offset(config, vp_stage=vp_stage)
+    experts = config.num_moe_experts or 0
+    ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+    expert_offset = ep_rank * (experts // ep) if experts else 0
+    return lambda local: global_name(local, layer_offset, mtp_offset, expert_offset)
+
+

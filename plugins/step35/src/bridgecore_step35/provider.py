@@ -1,0 +1,257 @@
+"""Step-3.5 config.json -> Megatron-Core config, with the per-layer fields the layers read.
+
+Step-3.5 is heterogeneous per layer: full-attention layers have `num_attention_heads` heads, sliding
+layers the heads/groups/head dim of `attention_other_setting`; rope base, rotary fraction and the
+SwiGLU clamps are per-layer lists; llama3 rope scaling applies only to the layer types listed in
+`yarn_only_types`. `Step35Config` keeps these lists for the decoder *and* the MTP layers (MTP layer j
+is layer `num_layers + j`), and `layer_config(i)` gives the config layer i is built from.
+
+Keys the Step-3.7 `text_config` may lack take the documented defaults of `step35_model_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bridgecore.errors import BridgeError
+from bridgecore.megatron.config import ModelConfig
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class Step35Config(ModelConfig):
+    #: attention type of every layer, decoder layers then MTP layers.
+    layer_types: list[str] = field(default_factory=list)
+    rotary_bases: list[float] = field(default_factory=list)
+    rotary_percents: list[float] = field(default_factory=list)
+    #: llama3 rope scaling parameters (`_LLAMA3_KEYS`), applied to the layer types below only.
+    llama3_rope: dict[str, float] | None = None
+    llama3_layer_types: list[str] = field(default_factory=list)
+    #: HF sliding window: a query attends to itself and the `sliding_window - 1` tokens before it.
+    sliding_window: int | None = None
+    sliding_num_attention_heads: int = 0
+    sliding_num_query_groups: int = 0
+    sliding_kv_channels: int = 0
+    #: per-layer SwiGLU clamps, 0 = none: routed experts, and every other MLP (shared expert, dense).
+    swiglu_limits: list[float] = field(default_factory=list)
+    swiglu_limits_shared: list[float] = field(default_factory=list)
+    #: the clamps of one layer; set on the copies `layer_config` returns.
+    swiglu_limit: float | None = None
+    swiglu_limit_shared: float | None = None
+
+    def layer_config(self, index: int) -> Step35Config:
+        """The config layer `index` (0-based, MTP layers after the decoder's) is built from."""
+        if not 0 <= index < len(self.layer_types):
+            raise BridgeError(f"layer {index} is outside the {len(self.layer_types)} layers of layer_types")
+        layer = copy.copy(self)
+        if self.layer_types[index] == SLIDING:
+            layer.num_attention_heads = self.sliding_num_attention_heads
+            layer.num_query_groups = self.sliding_num_query_groups
+            layer.kv_channels = self.sliding_kv_channels
+            # Megatron's window (left, right) includes the query itself on neither side.
+            layer.window_size = (self.sliding_window - 1, 0)
+        else:
+            layer.window_size = None
+        layer.rotary_base = self.rotary_bases[index]
+        layer.rotary_percent = self.rotary_percents[index]
+        layer.swiglu_limit = self.swiglu_limits[index] or None
+        layer.swiglu_limit_shared = self.swiglu_limits_shared[index] or None
+        return layer
+
+    def rope_scaled(self, index: int) -> bool:
+        return self.llama3_rope is not None and self.layer_types[index] in self.llama3_layer_types
+
+
+def _layer_list(
+    cfg: dict[str, Any], key: str, default: Any, types: list[str], layers: int, by_type: bool = True
+) -> list[Any]:
+    """A per-layer value over decoder + MTP layers from a scalar or a list.
+
+    A list that covers only the decoder layers gives each MTP layer, with `by_type`, the value of the
+    first decoder layer of its attention type (transformers keeps one rope setting per type), else
+    `default`.
+    """
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    total = len(types)
+    if not isinstance(value, list):
+        return [value] * total
+    if len(value) == total:
+        return list(value)
+    if len(value) == layers:
+        first = {t: value[types.index(t)] for t in set(types[:layers])} if by_type else {}
+        return list(value) + [first.get(t, default) for t in types[layers:]]
+    raise BridgeError(f"config.json {key} has {len(value)} entries, expected {layers} or {total}")
+
+
+def _layer_types(cfg: dict[str, Any], layers: int, mtp: int) -> list[str]:
+    types = cfg.get("layer_types") or [FULL] * layers
+    if len(types) == layers:
+        types = list(types) + list(cfg.get("mtp_layer_types") or [FULL] * mtp)
+    if len(types) != layers + mtp:
+        raise BridgeError(
+            f"config.json layer_types has {len(cfg.get('layer_types'))} entries, expected"
+            f" num_hidden_layers ({layers}) or num_hidden_layers + num_nextn_predict_layers ({layers + mtp})"
+        )
+    unknown = sorted(set(types) - {FULL, SLIDING})
+    if unknown:
+        raise BridgeError(f"config.json layer_types has {unknown}, expected only {FULL!r} and {SLIDING!r}")
+    return list(types)
+
+
+def moe_layer_indices(cfg: dict[str, Any], layers: int) -> list[int]:
+    """The MoE decoder layers: `moe_layers_enum` ("3,4,..." or a list), else transformers' default 3.."""
+    enum = cfg.get("moe_layers_enum")
+    if enum is None:
+        if cfg.get("use_moe") is False:
+            return []
+        return list(range(3, layers))
+    items = enum.split(",") if isinstance(enum, str) else enum
+    try:
+        indices = sorted({int(str(i).strip()) for i in items if str(i).strip()})
+    except ValueError:
+        raise BridgeError(f"config.json moe_layers_enum {enum!r} is not a list of layer indices") from None
+    outside = [i for i in indices if not 0 <= i < layers]
+    if outside:
+        raise BridgeError(
+            f"config.json moe_layers_enum names layers {outside}, expected decoder layers 0..{layers - 1}"
+            " (MTP layers are dense)"
+        )
+    return indices
+
+
+def _llama3(cfg: dict[str, Any]) -> dict[str, float] | None:
+    scaling = cfg.get("rope_scaling")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise BridgeError(f"config.json rope_scaling.rope_type is {kind!r}, expected 'llama3'")
+    missing = [k for k in _LLAMA3_KEYS if k not in scaling]
+    if missing:
+        raise BridgeError(f"config.json rope_scaling lacks {missing} for llama3 scaling")
+    return {k: float(scaling[k]) for k in _LLAMA3_KEYS}
+
+
+def _unsupported(cfg: dict[str, Any]) -> None:
+    if cfg.get("att_impl_type", "GQA") != "GQA":
+        raise BridgeError(f"config.json att_impl_type is {cfg['att_impl_type']!r}, expected 'GQA'")
+    if cfg.get("sink"):
+        raise BridgeError("config.json sink is true: attention sinks are not supported")
+    if cfg.get("use_rope_layers"):
+        raise BridgeError("config.json use_rope_layers is set: only rope on every layer is supported")
+    if cfg.get("norm_expert_weight", True) is False:
+        raise BridgeError("config.json norm_expert_weight is false: Megatron always renormalises top-k weights")
+
+
+def _dtype(cfg: dict[str, Any]) -> torch.dtype:
+    name = cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))
+    if str(name).removeprefix("torch.") not in _DTYPES:
+        raise BridgeError(f"config.json torch_dtype is {name!r}, expected one of {sorted(_DTYPES)}")
+    return _DTYPES[str(name).removeprefix("torch.")]
+
+
+def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35Config:
+    """Translate a Step-3.5 config.json (or a Step-3.7 `text_config`) into a `Step35Config`.
+
+    Defaults for absent keys: `zero_centered` true, `use_qk_norm` true, `use_head_wise_attn_gate`
+    true, `tie_word_embeddings` false, `num_nextn_predict_layers` 0, `layer_types` all full (MTP
+    types from `mtp_layer_types` when `layer_types` covers only the decoder), `rope_theta` 10000,
+    `partial_rotary_factors` 1.0, `moe_layers_enum` layers 3.. (transformers' default),
+    `moe_router_activation` sigmoid, `use_moe_router_bias` true, `moe_router_scaling_factor` 1.0,
+    `need_fp32_gate` true, swiglu limits 0 (no clamp), `torch_dtype` bfloat16. `overrides` set any
+    `Step35Config` field afterwards.
+    """
+    cfg = text_config
+    _unsupported(cfg)
+    try:
+        hidden, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
+        heads, vocab = int(cfg["num_attention_heads"]), int(cfg["vocab_size"])
+        ffn = int(cfg["intermediate_size"])
+    except KeyError as exc:
+        raise BridgeError(f"config.json lacks {exc.args[0]}") from None
+    mtp = int(cfg.get("num_nextn_predict_layers") or 0)
+    groups = int(cfg.get("num_attention_groups", cfg.get("num_key_value_heads", heads)))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    types = _layer_types(cfg, layers, mtp)
+    other = cfg.get("attention_other_setting") or {}
+    sliding_heads = int(other.get("num_attention_heads", cfg.get("num_sliding_attention_heads") or heads))
+    if SLIDING in types and not cfg.get("sliding_window"):
+        raise BridgeError("config.json has sliding_attention layers but no sliding_window")
+
+    moe_layers = moe_layer_indices(cfg, layers)
+    moe: dict[str, Any] = {}
+    if moe_layers:
+        activation = cfg.get("moe_router_activation", "sigmoid")
+        if activation not in ("sigmoid", "softmax"):
+            raise BridgeError(f"config.json moe_router_activation is {activation!r}, expected 'sigmoid' or 'softmax'")
+        shared = cfg.get("share_expert_dim", cfg.get("share_expert_dims"))
+        moe = dict(
+            num_moe_experts=int(cfg["moe_num_experts"]),
+            moe_router_topk=int(cfg["moe_top_k"]),
+            moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+            moe_shared_expert_intermediate_size=int(shared) if shared else None,
+            moe_layer_freq=[int(i in moe_layers) for i in range(layers)],
+            moe_router_score_function=activation,
+            moe_router_enable_expert_bias=bool(cfg.get("use_moe_router_bias", True)),
+            moe_router_topk_scaling_factor=float(cfg.get("moe_router_scaling_factor", 1.0)),
+            moe_router_dtype="fp32" if cfg.get("need_fp32_gate", True) else None,
+            moe_router_pre_softmax=False,
+        )
+
+    dtype = _dtype(cfg)
+    rotary_bases = [float(b) for b in _layer_list(cfg, "rope_theta", 10000.0, types, layers)]
+    rotary_percents = [
+        float(p) for p in _layer_list(cfg, "partial_rotary_factors", cfg.get("partial_rotary_factor", 1.0), types, layers)
+    ]
+    fields: dict[str, Any] = dict(
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-5)),
+        normalization="RMSNorm",
+        layernorm_zero_centered_gamma=bool(cfg.get("zero_centered", True)),
+        qk_layernorm=bool(cfg.get("use_qk_norm", True)),
+        attention_output_gate=bool(cfg.get("use_head_wise_attn_gate", True)),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        mtp_num_layers=mtp or None,
+        vocab_size=vocab,
+        max_sequence_length=int(cfg.get("max_position_embeddings", cfg.get("max_seq_len", 4096))),
+        position_embedding_type="rope",
+        rotary_base=rotary_bases[0],
+        rotary_percent=rotary_percents[0],
+        share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
+        hf_config=cfg,
+        layer_types=types,
+        rotary_bases=rotary_bases,
+        rotary_percents=rotary_percents,
+        llama3_rope=_llama3(cfg),
+        llama3_layer_types=list(cfg.get("yarn_only_types") or [FULL]),
+        sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
+        sliding_num_attention_heads=sliding_heads,
+        sliding_num_query_groups=int(other.get("num_attention_groups", groups)),
+        sliding_kv_channels=int(other.get("head_dim", head_dim)),
+        swiglu_limits=[float(v or 0) for v in _layer_list(cfg, "swiglu_limits", 0.0, types, layers, False)],
+        swiglu_limits_shared=[float(v or 0) for v in _layer_list(cfg, "swiglu_limits_shared", 0.0, types, layers, False)],
+        **moe,
+    )
+    fields.update(overrides)
+    return Step35Config(**fields)
