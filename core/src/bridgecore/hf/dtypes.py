@@ -64,7 +64,7 @@ _ORDER = {code: rank for rank, code in enumerate(BITS)}
 def code_of(dtype: torch.dtype, where: str) -> str:
     """The safetensors code of a torch dtype; `where` names the tensor for the error."""
     if dtype not in _CODES:
-        raise BridgeError(f"{where}: dtype {dtype} has no safetensors code; expected one of {sorted(_CODES)}")
+        raise BridgeError(f"{where}: dtype {dtype} has no safetensors code; expected one of {sorted(map(str, _CODES))}")
     return _CODES[dtype]
 
 

@@ -1,0 +1,214 @@
+"""Lazy, sliced reading of a Hugging Face safetensors checkpoint (one file or an indexed set).
+
+Headers and the index are validated up front (no tensor byte is touched for that); tensor data is
+memory-mapped and handed out as zero-copy views, so a read costs only the pages of the slice that the
+caller goes on to use. Measured on a 1 GB file this beat `safe_open(...).get_slice(...)`, which
+copies every slice into fresh memory before the caller copies it again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+from pathlib import Path
+from typing import Self
+
+import torch
+
+from bridgecore.errors import BridgeError
+from bridgecore.hf.dtypes import TORCH_DTYPES
+from bridgecore.hf.header import Header, TensorEntry, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
+
+
+class CheckpointReader:
+    """A `Source` over the safetensors files of `hf_dir`; also a context manager that closes them."""
+
+    def __init__(self, hf_dir: Path):
+        self.hf_dir = Path(hf_dir)
+        #: bytes of tensor data handed out by `read` so far.
+        self.bytes_read = 0
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._entries: dict[str, tuple[Path, TensorEntry]] = {}
+        for header in _headers(self.hf_dir):
+            for name, entry in header.entries.items():
+                self._entries[name] = (header.path, entry)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the mappings; tensors already returned keep theirs alive until they are freed."""
+        self._maps.clear()
+
+    def keys(self) -> list[str]:
+        """Tensor names in checkpoint order: shard by shard, in file order within each."""
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        entry = self._entry(name)
+        if entry.code not in TORCH_DTYPES:
+            raise BridgeError(
+                f"{self.file_of(name)}: tensor {name!r} is {entry.code}, a packed sub-byte dtype bridgecore does not read"
+            )
+        return TORCH_DTYPES[entry.code]
+
+    def file_of(self, name: str) -> Path:
+        self._entry(name)
+        return self._entries[name][0]
+
+    def nbytes(self, name: str) -> int:
+        entry = self._entry(name)
+        return entry.end - entry.begin
+
+    def read(self, name: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
+        """`tensor[index]` without reading the rest; ints drop their dim, slices must have step 1."""
+        entry, dtype = self._entry(name), self.dtype(name)
+        index = _normalized(index, entry.shape, f"{self.file_of(name)}: tensor {name!r}")
+        if entry.end == entry.begin:
+            whole = torch.empty(entry.shape, dtype=dtype)
+        else:
+            data = self._map(self.file_of(name))
+            count = math.prod(entry.shape)
+            whole = torch.frombuffer(data, dtype=dtype, count=count, offset=entry.begin).view(entry.shape)
+        part = whole[index]
+        self.bytes_read += part.numel() * part.element_size()
+        return part
+
+    def _entry(self, name: str) -> TensorEntry:
+        if name not in self._entries:
+            raise BridgeError(f"{self.hf_dir}: no tensor named {name!r} in the checkpoint")
+        return self._entries[name][1]
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as file:
+                # A private (copy-on-write) mapping gives torch a writable buffer; nothing reaches the file.
+                self._maps[path] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[path]
+
+
+def _normalized(index: tuple[slice | int, ...], shape: tuple[int, ...], where: str) -> tuple[slice | int, ...]:
+    """`index` with bounds checked: out-of-range selections are mapping bugs, not something to clamp."""
+    if len(index) > len(shape):
+        raise BridgeError(f"{where}: index {index} has {len(index)} entries for a {len(shape)}-dim tensor")
+    normalized: list[slice | int] = []
+    for dim, (item, size) in enumerate(zip(index, shape)):
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not -size <= item < size:
+                raise BridgeError(f"{where}: index {item} on dim {dim} is outside size {size}")
+            normalized.append(item % size)
+            continue
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise BridgeError(f"{where}: index {item!r} on dim {dim}; expected an int or a slice with step 1")
+        start, stop = _bound(item.start, 0, size), _bound(item.stop, size, size)
+        if not 0 <= start <= stop <= size:
+            raise BridgeError(f"{where}: slice {item.start}:{item.stop} on dim {dim} is outside size {size}")
+        normalized.append(slice(start, stop))
+    return tuple(normalized)
+
+
+def _bound(value: int | None, default: int, size: int) -> int:
+    if value is None:
+        return default
+    return value + size if value < 0 else value
+
+
+def _headers(hf_dir: Path) -> list[Header]:
+    if not hf_dir.is_dir():
+        raise BridgeError(f"{hf_dir}: not a directory; expected a Hugging Face checkpoint directory")
+    if (hf_dir / SINGLE_FILE).exists():
+        return [read_header(_contained(hf_dir, SINGLE_FILE, hf_dir / SINGLE_FILE))]
+    if (hf_dir / INDEX_FILE).exists():
+        return _indexed_headers(hf_dir)
+    if any(p.is_file() for pattern in PICKLE_PATTERNS for p in hf_dir.glob(pattern)):
+        raise BridgeError(
+            f"{hf_dir}: holds only pickle weights (pytorch_model*.bin / *.pt / *.pth); pickle checkpoints are not"
+            " read because loading them can run code. Expected model.safetensors or model.safetensors.index.json"
+        )
+    raise BridgeError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}; expected a safetensors checkpoint")
+
+
+def _indexed_headers(hf_dir: Path) -> list[Header]:
+    index_path = hf_dir / INDEX_FILE
+    weight_map = _weight_map(index_path)
+    # Every name is checked before any file is opened, so a hostile index opens nothing outside.
+    paths = {file_name: _contained(hf_dir, file_name, index_path) for file_name in sorted(set(weight_map.values()))}
+    headers = []
+    for file_name, path in paths.items():
+        header = read_header(path)
+        listed = {name for name, file in weight_map.items() if file == file_name}
+        missing = sorted(listed - header.entries.keys())
+        if missing:
+            raise BridgeError(
+                f"{index_path}: maps {_few(missing)} to {file_name}, whose header does not hold {_them(missing)}"
+            )
+        unlisted = sorted(header.entries.keys() - listed)
+        if unlisted:
+            raise BridgeError(
+                f"{header.path}: holds {_few(unlisted)}, which {INDEX_FILE} does not map to this file;"
+                " expected the index to list every tensor of every shard"
+            )
+        headers.append(header)
+    return headers
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        document = json.loads(index_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BridgeError(f"{index_path}: not JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BridgeError(f"{index_path}: cannot be read as UTF-8 text ({err})") from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BridgeError(f"{index_path}: expected an object with a \"weight_map\" object of tensor name -> file name")
+    return weight_map
+
+
+def _contained(hf_dir: Path, file_name: str, listed_in: Path) -> Path:
+    """The file `file_name` of `hf_dir`, refusing names or symlinks that lead outside it."""
+    plain = file_name not in ("", ".", "..") and "/" not in file_name and "\\" not in file_name
+    if not plain:
+        raise BridgeError(
+            f"{listed_in}: names shard {file_name!r}; expected a plain file name inside the checkpoint directory"
+        )
+    path = hf_dir / file_name
+    if not path.is_file():
+        raise BridgeError(f"{listed_in}: names shard {file_name!r}, which is not a file in {hf_dir}")
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in _allowed_roots(hf_dir)):
+        raise BridgeError(f"{path}: is a symlink to {real}, outside the checkpoint directory; expected a file inside it")
+    return path
+
+
+def _allowed_roots(hf_dir: Path) -> list[Path]:
+    """The checkpoint dir, plus the blob store when it is a Hugging Face cache snapshot, whose files are
+    symlinks to `../../blobs/<hash>`."""
+    real_dir = hf_dir.resolve()
+    roots = [real_dir]
+    if real_dir.parent.name == "snapshots":
+        roots.append(real_dir.parent.parent / "blobs")
+    return roots
+
+
+def _few(names: list[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _them(names: list[str]) -> str:
+    return "it" if len(names) == 1 else "them"

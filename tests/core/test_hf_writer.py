@@ -1,0 +1,232 @@
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bridgecore.errors import BridgeError
+from bridgecore.hf.reader import CheckpointReader
+from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "z.bias": torch.randn(5, generator=g).to(torch.bfloat16),
+        "a.weight": torch.randn(4, 6, generator=g),
+        "m.scale": torch.randn(2, generator=g).to(torch.float8_e5m2),
+        "b.count": torch.tensor(3, dtype=torch.int64),
+        "c.mask": torch.tensor([True, False]),
+        "d.empty": torch.zeros(0, 3, dtype=torch.float16),
+        "e.half": torch.randn(3, 3, generator=g).to(torch.float16),
+    }
+
+
+def _plan(tensors: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+
+
+def _write_all(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str = "5GB") -> ShardedWriter:
+    writer = ShardedWriter(out, _plan(tensors), max_shard_size)
+    writer.create()
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    return writer
+
+
+def test_single_file_equals_save_file_byte_for_byte(tmp_path: Path):
+    tensors = _tensors()
+    writer = _write_all(tmp_path / "out", tensors)
+    writer.commit([writer.written()])
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+
+
+def test_shards_at_size_cap_match_save_file_and_index(tmp_path: Path):
+    tensors = {f"layer.{i}.weight": torch.full((10,), float(i)) for i in range(5)}  # 40 bytes each
+    writer = _write_all(tmp_path / "out", tensors, max_shard_size=100)
+    writer.commit([writer.written()])
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": 200}
+    files = ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert list(index["weight_map"].values()) == [files[0], files[0], files[1], files[1], files[2]]
+    for file in files:
+        part = {n: tensors[n] for n, f in index["weight_map"].items() if f == file}
+        save_file(part, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+        assert (out / file).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    with CheckpointReader(out) as reader:
+        assert all(torch.equal(reader.read(n, ()), t) for n, t in tensors.items())
+
+
+def test_stacked_expert_slabs_written_out_of_order(tmp_path: Path):
+    experts = torch.randn(4, 3, 2)
+    writer = ShardedWriter(tmp_path / "out", [("experts.w", (4, 3, 2), torch.float32)])
+    writer.create()
+    for e in (2, 0, 3, 1):
+        writer.write("experts.w", experts[e], expert=e)
+    writer.commit([writer.written()])
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("experts.w"), experts)
+
+
+def _write_part(out: Path, plan: list, temp_dir: Path, names: list[str], seed: int, queue) -> None:
+    writer = ShardedWriter.attach(out, plan, 64, temp_dir)
+    tensors = _tensors_for(plan, seed)
+    for name in names:
+        if name == "experts.w":
+            for e in range(seed % 2, 4, 2):
+                writer.write(name, tensors[name][e], expert=e)
+        else:
+            writer.write(name, tensors[name])
+    queue.put(writer.written())
+
+
+def _tensors_for(plan: list, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=g).to(dtype) for name, shape, dtype in plan}
+
+
+def test_processes_write_one_temp_dir_in_parallel(tmp_path: Path):
+    plan = [("a", (8, 2), torch.float32), ("experts.w", (4, 2, 2), torch.bfloat16), ("b", (3,), torch.float16),
+            ("c", (16,), torch.float32)]
+    out = tmp_path / "out"
+    owner = ShardedWriter(out, plan, 64)
+    temp_dir = owner.create()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    parts = [["a", "experts.w"], ["experts.w", "b", "c"]]
+    workers = [context.Process(target=_write_part, args=(out, plan, temp_dir, names, rank, queue))
+               for rank, names in enumerate(parts)]
+    for worker in workers:
+        worker.start()
+    written = [queue.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0
+    owner.commit(written)
+    expected = _tensors_for(plan, 0)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    with CheckpointReader(out) as reader:
+        assert reader.keys() and all(torch.equal(reader.read(n, ()), t) for n, t in expected.items())
+    assert not temp_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("writes", "expected"),
+    [
+        ([("w", None)], r"s not written"),
+        ([("w", None), ("w", None), ("s", 0), ("s", 1)], r"w written 2 times"),
+        ([("w", None), ("s", 1)], r"s misses expert slabs \[0\]"),
+        ([("w", None), ("s", None), ("s", 0), ("s", 1)], r"s written whole and as slabs \[0, 1\]"),
+        ([("w", None), ("s", None), ("x", None)], r"x is not in the plan"),
+    ],
+)
+def test_commit_verifies_coverage(tmp_path: Path, writes, expected: str):
+    writer = ShardedWriter(tmp_path / "out", [("w", (2,), torch.float32), ("s", (2, 3), torch.float32)])
+    writer.create()
+    with pytest.raises(BridgeError, match=expected):
+        writer.commit([writes])
+    assert not (tmp_path / "out").exists()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("tensor", "expert", "expected"),
+    [
+        (torch.zeros(2, 3, dtype=torch.bfloat16), None, "got torch.bfloat16 \\[2, 3\\], expected torch.float32"),
+        (torch.zeros(3, 2), None, "got torch.float32 \\[3, 2\\], expected torch.float32 \\[2, 3\\]"),
+        (torch.zeros(3), 2, "expert slab 2 is outside the planned shape \\[2, 3\\]"),
+    ],
+)
+def test_write_checks_shape_and_dtype(tmp_path: Path, tensor: torch.Tensor, expert, expected: str):
+    writer = ShardedWriter(tmp_path / "out", [("w", (2, 3), torch.float32)])
+    writer.create()
+    with pytest.raises(BridgeError, match=expected):
+        writer.write("w", tensor, expert=expert)
+    with pytest.raises(BridgeError, match="not in the export plan"):
+        writer.write("v", tensor)
+
+
+def test_file_size_mismatch_is_not_committed(tmp_path: Path):
+    writer = _write_all(tmp_path / "out", {"w": torch.ones(4)})
+    with open(writer.temp_dir / "model.safetensors", "ab") as file:
+        file.write(b"junk")
+    planned = writer.shards[0].size
+    with pytest.raises(BridgeError, match=f"is {planned + 4} bytes, expected {planned} as planned"):
+        writer.commit([writer.written()])
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_early_and_at_commit(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(BridgeError, match="already exists"):
+        check_target(out, overwrite=False)
+    writer = _write_all(out, {"w": torch.ones(4)})
+    with pytest.raises(BridgeError, match="already exists"):
+        writer.commit([writer.written()])
+    assert list(out.iterdir()) == []
+
+
+def test_overwrite_keeps_old_output_until_new_one_is_complete(tmp_path: Path):
+    out = tmp_path / "out"
+    first = _write_all(out, {"w": torch.ones(4)})
+    first.commit([first.written()])
+    second = _write_all(out, {"w": torch.zeros(4)})
+    check_target(out, overwrite=True)
+    with pytest.raises(BridgeError, match="w not written"):
+        second.commit([[]], overwrite=True)
+    assert torch.equal(CheckpointReader(out).read("w"), torch.ones(4))
+    second.commit([second.written()], overwrite=True)
+    assert torch.equal(CheckpointReader(out).read("w"), torch.zeros(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_side_files_are_copied(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "modeling_x.py").write_text("")
+    writer = _write_all(tmp_path / "out", {"w": torch.ones(4)})
+    writer.commit([writer.written()], side_files_from=src)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_abort_removes_everything(tmp_path: Path):
+    writer = _write_all(tmp_path / "out", {"w": torch.ones(4)})
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attach_refuses_a_foreign_temp_dir(tmp_path: Path):
+    writer = ShardedWriter(tmp_path / "out", [("w", (4,), torch.float32)])
+    temp_dir = writer.create()
+    with pytest.raises(BridgeError, match="expected the file `create` made for this plan"):
+        ShardedWriter.attach(tmp_path / "out", [("w", (8,), torch.float32)], "5GB", temp_dir)
+
+
+def test_plan_errors(tmp_path: Path):
+    with pytest.raises(BridgeError, match="appears twice"):
+        ShardedWriter(tmp_path / "out", [("w", (4,), torch.float32), ("w", (4,), torch.float32)])
+    with pytest.raises(BridgeError, match="has no safetensors code"):
+        ShardedWriter(tmp_path / "out", [("w", (4,), torch.complex128)])
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), (1234, 1234), ("1.5KB", 1500)]
+)
+def test_parse_size(size, expected: int):
+    assert parse_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["5XB", "", "-1GB", 0, "GB"])
+def test_parse_size_errors(size):
+    with pytest.raises(BridgeError, match="shard size"):
+        parse_size(size)
