@@ -9,6 +9,7 @@ stacked tensor, at their offsets; the output appears only when complete and veri
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from bridgecore import __version__
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import read_config
 from bridgecore.hf.reader import CheckpointReader
@@ -29,6 +31,34 @@ from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.plugins import PluginInfo, Plugins, installed
 
 Model = list[torch.nn.Module]
+
+
+@dataclass
+class SourceMeta:
+    """Names, shapes and dtypes of the source HF checkpoint, in its order: what export restores.
+
+    Export casts every tensor back to its source dtype and writes tensors in source order, also
+    when it starts from a Megatron checkpoint, which keeps this record beside its weights.
+    """
+
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+    @classmethod
+    def of(cls, reader: CheckpointReader) -> SourceMeta:
+        return cls({k: (tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()})
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name][1]
+
+    def to_json(self) -> list[list[Any]]:
+        return [[n, list(s), str(d).removeprefix("torch.")] for n, (s, d) in self.tensors.items()]
+
+    @classmethod
+    def from_json(cls, rows: list[list[Any]]) -> SourceMeta:
+        return cls({n: (tuple(s), getattr(torch, d)) for n, s, d in rows})
 
 
 def exact_cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -50,9 +80,10 @@ class AutoBridge:
     """The conversion of one HF checkpoint directory, driven by the plugin that claims it."""
 
     def __init__(self, hf_dir: Path | None, hf_config: dict[str, Any], plugin: PluginInfo, plugins: Plugins,
-                 config: ModelConfig, reader: CheckpointReader | None):
+                 config: ModelConfig, reader: CheckpointReader | None, source: SourceMeta | None = None):
         self.hf_dir, self.hf_config, self.plugin, self.plugins = hf_dir, hf_config, plugin, plugins
         self.config, self.reader = config, reader
+        self.source = source or (SourceMeta.of(reader) if reader else None)
 
     @classmethod
     def from_hf_pretrained(cls, path: str | Path, *, plugin: str | None = None, plugins: Plugins | None = None,
@@ -66,7 +97,7 @@ class AutoBridge:
     @classmethod
     def from_hf_config(cls, hf_config: dict[str, Any], *, hf_dir: Path | None = None, plugin: str | None = None,
                        plugins: Plugins | None = None, params_dtype: torch.dtype | None = None,
-                       reader: CheckpointReader | None = None) -> AutoBridge:
+                       reader: CheckpointReader | None = None, source: SourceMeta | None = None) -> AutoBridge:
         plugins = plugins or installed()
         where = str(hf_dir / "config.json") if hf_dir else "config"
         owner = plugins.choose(hf_config, plugin, where=where)
@@ -77,7 +108,23 @@ class AutoBridge:
         if params_dtype is not None:
             config = dataclasses.replace(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
                                          fp16=params_dtype == torch.float16)
-        return cls(hf_dir, hf_config, owner, plugins, config, reader)
+        return cls(hf_dir, hf_config, owner, plugins, config, reader, source)
+
+    @classmethod
+    def from_megatron_checkpoint(cls, ckpt_dir: str | Path, *, plugin: str | None = None,
+                                 plugins: Plugins | None = None) -> AutoBridge:
+        """The bridge of a checkpoint written by :meth:`save_megatron` (``bridgecore import``)."""
+        from bridgecore.megatron.checkpoint import SIDE, read_meta
+
+        ckpt_dir = Path(ckpt_dir)
+        meta = read_meta(ckpt_dir)
+        bridge = cls.from_hf_config(
+            meta["hf_config"], plugin=plugin or meta.get("plugin"), plugins=plugins,
+            params_dtype=getattr(torch, meta["params_dtype"]), source=SourceMeta.from_json(meta["source"]),
+        )
+        side = ckpt_dir / SIDE
+        bridge.hf_dir = side if side.is_dir() else None
+        return bridge
 
     # -- configuration and tables -------------------------------------------------------------
     def to_megatron_config(self) -> ModelConfig:
@@ -85,7 +132,7 @@ class AutoBridge:
 
     @property
     def hf_keys(self) -> frozenset[str]:
-        return frozenset(self.reader.keys()) if self.reader else frozenset()
+        return frozenset(self.source.tensors) if self.source else frozenset()
 
     def mapping_table(self) -> MappingTable:
         weights = self.plugins.call_owned("mappings", self.plugin, config=self.config, hf_keys=self.hf_keys)
@@ -96,8 +143,11 @@ class AutoBridge:
 
     # -- Megatron model -------------------------------------------------------------------------
     def to_megatron_model(self, layout: parallel.Layout = parallel.Layout(), load_weights: bool = True,
-                          allow_unmapped: Sequence[str] = ()) -> Model:
-        """Build this rank's model chunks for ``layout`` and (by default) load the HF weights."""
+                          allow_unmapped: Sequence[str] = (), meta: bool = False) -> Model:
+        """Build this rank's model chunks for ``layout`` and (by default) load the HF weights.
+
+        ``meta=True`` builds without memory (shapes only) and never loads.
+        """
         parallel.init_model_parallel(layout)
         self.config = dataclasses.replace(
             self.config, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
@@ -105,10 +155,12 @@ class AutoBridge:
             virtual_pipeline_model_parallel_size=layout.vpp, pipeline_dtype=self.config.params_dtype,
         )
         spec = lambda vp_stage: self.plugins.call_owned("layer_spec", self.plugin, config=self.config, vp_stage=vp_stage)  # noqa: E731
-        model = parallel.collective(build_chunks, self.config, spec)
+        model = parallel.collective(build_chunks, self.config, spec, meta)
+        table = self.mapping_table()
         for chunk in model:
-            self.plugins.call_all("prepare_model", model=chunk, config=self.config, hf_keys=self.hf_keys)
-        if load_weights:
+            self.plugins.call_all("prepare_model", model=chunk, config=self.config, hf_keys=self.hf_keys,
+                                  table=table, source=self.reader or self.source)
+        if load_weights and not meta:
             self.load_hf_weights(model, allow_unmapped=allow_unmapped)
         return model
 
@@ -159,6 +211,26 @@ class AutoBridge:
 
         parallel.collective(load)
 
+    # -- Megatron checkpoints -----------------------------------------------------------------
+    def save_megatron(self, model: Model, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Save ``model`` as a torch_dist checkpoint Megatron-LM can ``--load`` (all ranks call)."""
+        from bridgecore.megatron.checkpoint import save_dist
+
+        meta = {
+            "bridgecore": __version__,
+            "plugin": self.plugin.name,
+            "params_dtype": str(self.config.params_dtype).removeprefix("torch."),
+            "hf_config": self.hf_config,
+            "source": self.source.to_json() if self.source else [],
+        }
+        save_dist(model, Path(out_dir), meta, self.hf_dir, overwrite)
+        return Path(out_dir)
+
+    def load_megatron(self, model: Model, ckpt_dir: str | Path) -> None:
+        from bridgecore.megatron.checkpoint import load_dist
+
+        load_dist(model, Path(ckpt_dir))
+
     # -- export ---------------------------------------------------------------------------------
     def _pieces(self, t: LocalTensor, b: Binding, meta: bool = False) -> list[HFPiece]:
         if meta:
@@ -170,7 +242,7 @@ class AutoBridge:
             shards = [t.tensor]
         pieces = b.mapping.to_hf(shards, b.capture_dict)
         for piece in pieces:
-            dtype = self.reader.dtype(piece.name) if self.reader and piece.name in self.hf_keys else t.tensor.dtype
+            dtype = self.source.dtype(piece.name) if self.source and piece.name in self.hf_keys else t.tensor.dtype
             piece.tensor = exact_cast(piece.tensor.detach(), dtype, piece.name)
         return pieces
 
@@ -186,7 +258,7 @@ class AutoBridge:
             for name, entry in part.items():
                 if merged.setdefault(name, entry) != entry:
                     raise BridgeError(f"{name}: ranks disagree on its shape/dtype: {merged[name]} vs {entry}")
-        order = [k for k in (self.reader.keys() if self.reader else []) if k in merged]
+        order = [k for k in (self.source.tensors if self.source else []) if k in merged]
         order += sorted(set(merged) - set(order))
         return [(name, *merged[name]) for name in order]
 

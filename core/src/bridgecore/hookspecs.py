@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from bridgecore.mapping import Mapping
+    from bridgecore.mapping import Mapping, MappingTable, Source
     from bridgecore.megatron.config import ModelConfig
     from bridgecore.tiny import TinyModel
 
@@ -109,11 +109,14 @@ def hf_reference(hf_config: dict[str, Any]) -> Any:
 
 
 @hookspec
-def prepare_model(model: Any, config: ModelConfig, hf_keys: frozenset[str]) -> None:
+def prepare_model(model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable, source: Source | None) -> None:
     """Adjust a freshly built Megatron model (one PP stage) before weights are loaded.
 
-    Every plugin is asked. The quant plugin attaches quantizer state (amax buffers) here when the
-    checkpoint carries amax tensors; a plugin with nothing to add does not implement it.
+    Every plugin is asked. ``table`` holds every mapping (weights and ``quant_mappings``);
+    ``source`` answers ``shape(name)`` / ``dtype(name)`` for the HF tensors (it can also ``read``
+    when the HF checkpoint itself is at hand), so added state can take the checkpoint's shapes. The
+    quant plugin attaches quantizer state (amax buffers) here when the checkpoint carries amax
+    tensors; a plugin with nothing to add does not implement it.
     """
 
 

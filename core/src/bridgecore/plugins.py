@@ -52,6 +52,8 @@ class Plugins:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
+        #: plugins whose entry point failed to load, with the error: reported, not fatal.
+        self.broken: dict[str, str] = {}
         if load_entry_points:
             self._load()
 
@@ -63,8 +65,9 @@ class Plugins:
                 continue
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken plugin must not hide the others' errors
-                raise BridgeError(f"plugin {ep.name} ({dist}) failed to load: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # one broken plugin must not stop conversions the others can do
+                self.broken[ep.name] = f"{dist} failed to load: {type(exc).__name__}: {exc}"
+                continue
             version = ep.dist.version if ep.dist else "?"
             self.register(module, name=ep.name, distribution=dist, version=version)
 
@@ -99,9 +102,9 @@ class Plugins:
         return owners[0]
 
     def summary(self) -> str:
-        if not self.infos:
-            return "none"
-        return ", ".join(f"{i.name} ({', '.join(i.architectures) or 'no architectures'})" for i in self.infos.values())
+        parts = [f"{i.name} ({', '.join(i.architectures) or 'no architectures'})" for i in self.infos.values()]
+        parts += [f"{name} (broken: {error})" for name, error in self.broken.items()]
+        return ", ".join(parts) or "none"
 
     def call_owned(self, hook: str, owner: PluginInfo, **kwargs: Any) -> Any:
         """Call a firstresult hook on the owning plugin alone."""

@@ -12,8 +12,11 @@ from bridgecore.megatron.config import ModelConfig
 from bridgecore.megatron.specs import ModelSpec, gpt_mtp_spec
 
 
-def build_chunks(config: ModelConfig, spec_for_stage: Callable[[int | None], Any]) -> list[torch.nn.Module]:
-    """One model per virtual pipeline stage of this rank (a single one without VPP), in eval mode."""
+def build_chunks(config: ModelConfig, spec_for_stage: Callable[[int | None], Any], meta: bool = False) -> list[torch.nn.Module]:
+    """One model per virtual pipeline stage of this rank (a single one without VPP), in eval mode.
+
+    With ``meta`` the tensors have shapes and no storage: enough to plan and to list names.
+    """
     from megatron.core import parallel_state as ps
 
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
@@ -26,7 +29,7 @@ def build_chunks(config: ModelConfig, spec_for_stage: Callable[[int | None], Any
         else:
             layers = getattr(spec, "layer_specs", None)
             decoder, mtp = spec, gpt_mtp_spec(config, layers[-1] if layers else spec, vp_stage) if config.mtp_num_layers else None
-        with cpu_compat():
+        with cpu_compat("meta" if meta else "cpu"):
             model = config.build_model(
                 decoder,
                 mtp,

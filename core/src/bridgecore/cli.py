@@ -1,0 +1,258 @@
+"""The ``bridgecore`` command. Run it as ``bridgecore``, ``python -m bridgecore`` or
+``torchrun --nproc-per-node N -m bridgecore`` for multi-rank conversion (gloo on CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bridgecore import __version__
+from bridgecore.errors import BridgeError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+EPILOG = """examples:
+  bridgecore demo                                   convert every installed family's tiny model
+  bridgecore inspect ./Step-3.5-Flash               plugin, Megatron config, full mapping table
+  bridgecore import ./hf ./megatron --tp 2          HF -> torch_dist (Megatron-LM --load)
+  torchrun --nproc-per-node 4 -m bridgecore import ./hf ./megatron --tp 2 --ep 2
+  bridgecore export ./megatron ./hf-out             torch_dist -> HF (any saved layout)
+  bridgecore roundtrip ./hf --tp 2                  HF -> Megatron -> HF, bit-exact check
+  bridgecore verify ./hf                            Megatron logits vs the transformers reference
+"""
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(*args: object) -> None:
+    if _rank() == 0:
+        print(*args, flush=True)
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel layout (world size = torchrun's --nproc-per-node)")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
+    g.add_argument("--ep", type=int, default=1, help="expert parallel size (default 1)")
+    g.add_argument("--etp", type=int, default=1, help="expert tensor parallel size (default 1)")
+    g.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank (default none)")
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", help="use this plugin when several claim the architecture")
+    p.add_argument("--params-dtype", choices=sorted(DTYPES), help="Megatron param dtype (default: the checkpoint's)")
+    p.add_argument("--allow-unmapped", action="append", default=[], metavar="PATTERN",
+                   help="glob of HF tensors or Megatron params to leave unmapped (repeatable); reported")
+
+
+def _layout(args: argparse.Namespace):
+    from bridgecore.megatron.parallel import Layout
+
+    return Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
+
+
+def _bridge(args: argparse.Namespace):
+    from bridgecore.bridge import AutoBridge
+
+    dtype = DTYPES[args.params_dtype] if getattr(args, "params_dtype", None) else None
+    return AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from bridgecore.plugins import installed
+
+    plugins = installed()
+    if not plugins.infos:
+        print("no plugins installed; pip install bridgecore-<family> (step35, step37, qwen35, quant)")
+    for info in plugins.infos.values():
+        print(f"{info.name}  ({info.distribution} {info.version})")
+        print(f"  architectures: {', '.join(info.architectures) or '-'}")
+        print(f"  hooks:         {', '.join(info.hooks)}")
+    for name, error in plugins.broken.items():
+        print(f"{name}  BROKEN: {error}")
+    for arch, owners in plugins.conflicts().items():
+        print(f"conflict: {arch} is claimed by {' and '.join(o.name for o in owners)}; choose with --plugin")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bridgecore.bridge import AutoBridge
+    from bridgecore.megatron.parallel import Layout
+
+    bridge = AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin)
+    c = bridge.config
+    print(f"checkpoint  {args.hf_dir}")
+    print(f"plugin      {bridge.plugin.name} ({bridge.plugin.distribution} {bridge.plugin.version})")
+    fields = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+              "ffn_hidden_size", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "mtp_num_layers",
+              "vocab_size", "params_dtype", "share_embeddings_and_output_weights"]
+    for f in fields:
+        print(f"  {f:40s} {getattr(c, f, None)}")
+    model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True)
+    bound = bridge.bind(model, bridge.hf_keys, args.allow_unmapped)
+    print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors")
+    for t, b in bound:
+        print(f"{t.name:70s} {type(b.mapping).__name__:16s} {', '.join(b.hf)}")
+    used = {n for _, b in bound for n in b.hf}
+    print(f"\ncoverage: {len(bound)} Megatron tensors <- {len(used)} of {len(bridge.hf_keys)} HF tensors")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    bridge = _bridge(args)
+    start = time.perf_counter()
+    model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
+    bridge.save_megatron(model, Path(args.megatron_dir), overwrite=args.overwrite)
+    say(f"imported {args.hf_dir} -> {args.megatron_dir} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bridgecore.bridge import AutoBridge
+
+    start = time.perf_counter()
+    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_dir, plugin=args.plugin)
+    model = bridge.to_megatron_model(_layout(args), load_weights=False)
+    bridge.load_megatron(model, Path(args.megatron_dir))
+    target = Path(args.hf_dir)
+    if args.quant:
+        formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
+        if args.quant not in formats:
+            raise BridgeError(f"--quant {args.quant}: no installed plugin offers it; pip install bridgecore-quant")
+        staging = Path(tempfile.mkdtemp(prefix=".bridgecore-", dir=target.parent)) / "calibrated"
+        bridge.save_hf_pretrained(model, staging, max_shard_size=args.max_shard_size)
+        if _rank() == 0:
+            formats[args.quant](staging, target, args.overwrite)
+    else:
+        bridge.save_hf_pretrained(model, target, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    say(f"exported {args.megatron_dir} -> {target} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_roundtrip(args: argparse.Namespace) -> int:
+    from bridgecore.compare import compare_checkpoints, print_report
+    from bridgecore.megatron import parallel
+
+    bridge = _bridge(args)
+    model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
+    work = Path(parallel.broadcast_object(tempfile.mkdtemp(prefix="bridgecore-roundtrip-") if parallel.rank() == 0 else None))
+    out = Path(args.keep) if args.keep else work / "hf"
+    bridge.save_hf_pretrained(model, out, max_shard_size=args.max_shard_size, overwrite=bool(args.keep) and args.overwrite)
+    if parallel.rank() != 0:
+        return 0
+    report = compare_checkpoints(Path(args.hf_dir), out)
+    print_report(report, verbose=args.verbose)
+    say(f"layout {_layout(args)}; output {'kept in ' + str(out) if args.keep else 'discarded'}")
+    return 0 if report.exact else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bridgecore.bridge import AutoBridge
+    from bridgecore.megatron.compat import cpu_compat
+
+    bridge = AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=torch.float32)
+    reference = bridge.plugins.call_owned("hf_reference", bridge.plugin, hf_config=bridge.hf_config)
+    if reference is None:
+        raise BridgeError(f"plugin {bridge.plugin.name} offers no reference forward for this checkpoint")
+    model = bridge.to_megatron_model()
+    tokens = torch.randint(0, bridge.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+    with cpu_compat(), torch.no_grad():
+        ours = bridge.config.forward_logits(model[0], tokens).float()
+    theirs = reference(Path(args.hf_dir), tokens).float()
+    diff = (ours - theirs).abs()
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    say(f"logits {list(ours.shape)}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e},"
+        f" argmax agreement {agree:.1%} (tolerance {args.atol:g})")
+    return 0 if diff.max().item() <= args.atol else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bridgecore.demo import run_demo
+
+    return run_demo(Path(args.out) if args.out else None, args.only)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridgecore",
+        description="Exact, streaming checkpoint conversion between Hugging Face and Megatron-Core.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"bridgecore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="installed plugins, versions, claimed architectures, hooks")
+    p.set_defaults(fn=cmd_plugins)
+
+    p = sub.add_parser("inspect", help="which plugin, the Megatron config, the full mapping table with coverage",
+                       description="Builds the model on the meta device (no memory) and binds every param.")
+    p.add_argument("hf_dir", type=Path, help="HF checkpoint directory (config.json + safetensors)")
+    _source_args(p)
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("import", help="HF checkpoint -> Megatron torch_dist checkpoint",
+                       description="Each rank reads only its slices; the output loads in Megatron-LM with --load.")
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("megatron_dir", type=Path)
+    _source_args(p)
+    _layout_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(fn=cmd_import)
+
+    p = sub.add_parser("export", help="Megatron torch_dist checkpoint -> HF checkpoint",
+                       description="Loads at any layout; writer ranks write their own tensors in parallel.")
+    p.add_argument("megatron_dir", type=Path)
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("--plugin")
+    _layout_args(p)
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--quant", help="also quantize: fp8 or nvfp4 (needs bridgecore-quant)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF and a bit-exact per-tensor comparison",
+                       description="Exit status 0 only if every tensor, dtype and shape comes back identical.")
+    p.add_argument("hf_dir", type=Path)
+    _source_args(p)
+    _layout_args(p)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--keep", metavar="DIR", help="keep the exported HF checkpoint in DIR")
+    p.add_argument("--overwrite", action="store_true", help="with --keep, replace DIR")
+    p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
+    p.set_defaults(fn=cmd_roundtrip)
+
+    p = sub.add_parser("verify", help="Megatron logits vs the plugin's transformers reference (CPU, fp32)")
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("--plugin")
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed max abs logit difference")
+    p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("demo", help="tiny model of every installed family: generate, import, export, check")
+    p.add_argument("--out", help="keep the generated checkpoints here (default: a temporary directory)")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only these tiny models (repeatable)")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if not sys.warnoptions:  # megatron-core warns about absent GPU libraries at import; -W shows them
+        warnings.simplefilter("ignore")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except BridgeError as exc:
+        print(f"bridgecore: error: {exc}", file=sys.stderr)
+        return 2
