@@ -59,27 +59,26 @@ def _norms_and_dense_mlp(meg: str, hf: str, layers: list[int] | None) -> list[Ma
 
 
 def _moe(config: Step35Config, meg: str, hf: str, layers: list[int]) -> list[Mapping]:
-    experts = config.num_moe_experts
+    experts, moe = config.num_moe_experts, f"{hf}moe."
     expert = f"{meg}mlp.experts.local_experts.{{expert}}."
     mappings: list[Mapping] = [
         Replicated(f"{meg}input_layernorm.weight", f"{hf}input_layernorm.weight", layers=layers),
         Replicated(f"{meg}pre_mlp_layernorm.weight", f"{hf}post_attention_layernorm.weight", layers=layers),
         Replicated(f"{meg}mlp.router.weight", f"{hf}moe.gate.weight", layers=layers),
         Stacked(
-            GatedMLP(f"{expert}linear_fc1.weight", f"{hf}moe.gate_proj.weight", f"{hf}moe.up_proj.weight", layers=layers),
+            GatedMLP(f"{expert}linear_fc1.weight", f"{moe}gate_proj.weight", f"{moe}up_proj.weight", layers=layers),
             experts,
         ),
-        Stacked(RowParallel(f"{expert}linear_fc2.weight", f"{hf}moe.down_proj.weight", layers=layers), experts),
+        Stacked(RowParallel(f"{expert}linear_fc2.weight", f"{moe}down_proj.weight", layers=layers), experts),
     ]
     if config.moe_router_enable_expert_bias:
         # An fp32 persistent buffer on both sides.
         mappings.append(Replicated(f"{meg}mlp.router.expert_bias", f"{hf}moe.router_bias", layers=layers))
     if config.moe_shared_expert_intermediate_size:
         shared, hf_shared = f"{meg}mlp.shared_experts.", f"{hf}share_expert."
+        gate, up = f"{hf_shared}gate_proj.weight", f"{hf_shared}up_proj.weight"
         mappings += [
-            GatedMLP(
-                f"{shared}linear_fc1.weight", f"{hf_shared}gate_proj.weight", f"{hf_shared}up_proj.weight", layers=layers
-            ),
+            GatedMLP(f"{shared}linear_fc1.weight", gate, up, layers=layers),
             RowParallel(f"{shared}linear_fc2.weight", f"{hf_shared}down_proj.weight", layers=layers),
         ]
     return mappings

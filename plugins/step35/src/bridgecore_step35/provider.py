@@ -93,13 +93,18 @@ def _layer_list(
     raise BridgeError(f"config.json {key} has {len(value)} entries, expected {layers} or {total}")
 
 
+def _need(cfg: dict[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise BridgeError(f"config.json lacks {key}")
+    return cfg[key]
+
+
 def _layer_types(cfg: dict[str, Any], layers: int, mtp: int) -> list[str]:
-    types = cfg.get("layer_types") or [FULL] * layers
-    if len(types) == layers:
-        types = list(types) + list(cfg.get("mtp_layer_types") or [FULL] * mtp)
+    given = cfg.get("layer_types") or [FULL] * layers
+    types = list(given) + list(cfg.get("mtp_layer_types") or [FULL] * mtp) if len(given) == layers else given
     if len(types) != layers + mtp:
         raise BridgeError(
-            f"config.json layer_types has {len(cfg.get('layer_types'))} entries, expected"
+            f"config.json layer_types (+ mtp_layer_types) has {len(types)} entries, expected"
             f" num_hidden_layers ({layers}) or num_hidden_layers + num_nextn_predict_layers ({layers + mtp})"
         )
     unknown = sorted(set(types) - {FULL, SLIDING})
@@ -108,7 +113,7 @@ def _layer_types(cfg: dict[str, Any], layers: int, mtp: int) -> list[str]:
     return list(types)
 
 
-def moe_layer_indices(cfg: dict[str, Any], layers: int) -> list[int]:
+def _moe_layers(cfg: dict[str, Any], layers: int) -> list[int]:
     """The MoE decoder layers: `moe_layers_enum` ("3,4,..." or a list), else transformers' default 3.."""
     enum = cfg.get("moe_layers_enum")
     if enum is None:
@@ -173,12 +178,9 @@ def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35
     """
     cfg = text_config
     _unsupported(cfg)
-    try:
-        hidden, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
-        heads, vocab = int(cfg["num_attention_heads"]), int(cfg["vocab_size"])
-        ffn = int(cfg["intermediate_size"])
-    except KeyError as exc:
-        raise BridgeError(f"config.json lacks {exc.args[0]}") from None
+    hidden, layers = int(_need(cfg, "hidden_size")), int(_need(cfg, "num_hidden_layers"))
+    heads, vocab = int(_need(cfg, "num_attention_heads")), int(_need(cfg, "vocab_size"))
+    ffn = int(_need(cfg, "intermediate_size"))
     mtp = int(cfg.get("num_nextn_predict_layers") or 0)
     groups = int(cfg.get("num_attention_groups", cfg.get("num_key_value_heads", heads)))
     head_dim = int(cfg.get("head_dim") or hidden // heads)
@@ -188,7 +190,7 @@ def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35
     if SLIDING in types and not cfg.get("sliding_window"):
         raise BridgeError("config.json has sliding_attention layers but no sliding_window")
 
-    moe_layers = moe_layer_indices(cfg, layers)
+    moe_layers = _moe_layers(cfg, layers)
     moe: dict[str, Any] = {}
     if moe_layers:
         activation = cfg.get("moe_router_activation", "sigmoid")
@@ -196,9 +198,9 @@ def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35
             raise BridgeError(f"config.json moe_router_activation is {activation!r}, expected 'sigmoid' or 'softmax'")
         shared = cfg.get("share_expert_dim", cfg.get("share_expert_dims"))
         moe = dict(
-            num_moe_experts=int(cfg["moe_num_experts"]),
-            moe_router_topk=int(cfg["moe_top_k"]),
-            moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+            num_moe_experts=int(_need(cfg, "moe_num_experts")),
+            moe_router_topk=int(_need(cfg, "moe_top_k")),
+            moe_ffn_hidden_size=int(_need(cfg, "moe_intermediate_size")),
             moe_shared_expert_intermediate_size=int(shared) if shared else None,
             moe_layer_freq=[int(i in moe_layers) for i in range(layers)],
             moe_router_score_function=activation,
@@ -209,10 +211,11 @@ def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35
         )
 
     dtype = _dtype(cfg)
-    rotary_bases = [float(b) for b in _layer_list(cfg, "rope_theta", 10000.0, types, layers)]
-    rotary_percents = [
-        float(p) for p in _layer_list(cfg, "partial_rotary_factors", cfg.get("partial_rotary_factor", 1.0), types, layers)
-    ]
+    def floats(key: str, default: float, by_type: bool = True) -> list[float]:
+        return [float(v or 0) for v in _layer_list(cfg, key, default, types, layers, by_type)]
+
+    rotary_bases = floats("rope_theta", 10000.0)
+    rotary_percents = floats("partial_rotary_factors", cfg.get("partial_rotary_factor", 1.0))
     fields: dict[str, Any] = dict(
         num_layers=layers,
         hidden_size=hidden,
@@ -249,8 +252,8 @@ def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35
         sliding_num_attention_heads=sliding_heads,
         sliding_num_query_groups=int(other.get("num_attention_groups", groups)),
         sliding_kv_channels=int(other.get("head_dim", head_dim)),
-        swiglu_limits=[float(v or 0) for v in _layer_list(cfg, "swiglu_limits", 0.0, types, layers, False)],
-        swiglu_limits_shared=[float(v or 0) for v in _layer_list(cfg, "swiglu_limits_shared", 0.0, types, layers, False)],
+        swiglu_limits=floats("swiglu_limits", 0.0, by_type=False),
+        swiglu_limits_shared=floats("swiglu_limits_shared", 0.0, by_type=False),
         **moe,
     )
     fields.update(overrides)

@@ -8,7 +8,8 @@
   rows give the same sigmoid(g_h) on every channel of head h.
 - `WindowedDotProductAttention` applies the sliding window on the scores' device.
 - `ClampedSwiGLUMLP` and friends: Step-3.5 clamps silu(gate) from above and up on both sides; the
-  megatron-core clamp acts on gate *before* silu, which is a different function.
+  megatron-core clamp acts on gate *before* silu, which is a different function. `Step35Layer`
+  gives its MLPs these classes after building them as megatron-core's.
 - MTP layers are dense whatever the last decoder layer is, and each `Step35MTPLayer` has its own
   `output_layer` (HF `transformer.shared_head.output`), so the per-layer heads survive conversion.
 """
@@ -25,12 +26,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.mlp import MLP
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
+from bridgecore.errors import BridgeError
 from bridgecore.megatron.specs import ModelSpec, gpt_block_spec, gpt_mtp_spec, with_local_norms
 from bridgecore_step35.provider import Step35Config
 
@@ -58,8 +59,28 @@ class Step35Layer(TransformerLayer):
         index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage)
         super().__init__(config.layer_config(index), submodules, layer_number, vp_stage=vp_stage, **kwargs)
         self.rotary = LayerRotaryEmbedding(config, index)
+        self._clamp_swiglu()
+
+    def _clamp_swiglu(self) -> None:
+        """Give every MLP of this layer Step-3.5's clamped SwiGLU.
+
+        The MLPs are built as megatron-core's own classes (TransformerLayer passes its process
+        groups only to those it knows, and SequentialMLP instantiates `MLP` by name); the clamped
+        classes differ only in `forward`, so each module is re-classed in place.
+        """
+        for name, module in self.mlp.named_modules():
+            if type(module) is MLP:
+                routed = ".local_experts." in f".{name}."
+                module.__class__ = ClampedExpertMLP if routed else ClampedSwiGLUMLP
+            elif type(module) is SharedExpertMLP:
+                module.__class__ = ClampedSharedExpertMLP
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("rotary_pos_cos") is not None:
+            raise BridgeError(
+                f"layer {self.layer_number}: Step-3.5 layers make their own rotary embedding;"
+                " precomputed rotary cos/sin (flash decoding) are not supported"
+            )
         model_wide = kwargs.get("rotary_pos_emb")
         if model_wide is not None:
             # Same positions as GPTModel's embedding (local attention has no context parallelism).
@@ -119,19 +140,6 @@ class ClampedExpertMLP(ClampedSwiGLUMLP):
     routed = True
 
 
-class ClampedSequentialMLP(SequentialMLP):
-    """SequentialMLP whose experts clamp like Step-3.5's.
-
-    SequentialMLP instantiates megatron-core's MLP by name; the experts differ from it only in
-    `forward`, so each is re-classed (same parameters, no second allocation of the experts).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        for expert in self.local_experts:
-            expert.__class__ = ClampedExpertMLP
-
-
 class ClampedSharedExpertMLP(SharedExpertMLP, ClampedSwiGLUMLP):
     """SharedExpertMLP whose `super().forward` resolves to the clamped SwiGLU (MRO)."""
 
@@ -155,9 +163,6 @@ class Step35MTPLayer(MultiTokenPredictionLayer):
 _STEP35_MODULES: dict[type, type] = {
     TransformerLayer: Step35Layer,
     DotProductAttention: WindowedDotProductAttention,
-    MLP: ClampedSwiGLUMLP,
-    SequentialMLP: ClampedSequentialMLP,
-    SharedExpertMLP: ClampedSharedExpertMLP,
     MultiTokenPredictionLayer: Step35MTPLayer,
 }
 
