@@ -6,7 +6,12 @@ from typing import Any
 
 from bridgecore.hookspecs import hookimpl
 
+# Imported before the hooks are defined: importing the submodule `mappings` later would rebind the
+# package attribute `mappings` (the hook) to the module.
+from bridgecore_qwen35.mappings import qwen35_mappings
 from bridgecore_qwen35.provider import ARCHITECTURES, Qwen35Config, qwen35_config
+from bridgecore_qwen35.spec import qwen35_layer_spec
+from bridgecore_qwen35.tiny import TINY_MODELS
 
 __version__ = "0.1.0"
 
@@ -28,22 +33,16 @@ def provider_config(hf_config: dict[str, Any]) -> Qwen35Config | None:
 
 @hookimpl
 def layer_spec(config: Any, vp_stage: int | None) -> Any:
-    from bridgecore_qwen35.spec import qwen35_layer_spec
-
     return qwen35_layer_spec(config, vp_stage) if isinstance(config, Qwen35Config) else None
 
 
 @hookimpl
 def mappings(config: Any, hf_keys: frozenset[str]) -> list[Any] | None:
-    from bridgecore_qwen35.mappings import qwen35_mappings
-
     return qwen35_mappings(config, hf_keys) if isinstance(config, Qwen35Config) else None
 
 
 @hookimpl
 def tiny_models() -> list[Any]:
-    from bridgecore_qwen35.tiny import TINY_MODELS
-
     return TINY_MODELS
 
 

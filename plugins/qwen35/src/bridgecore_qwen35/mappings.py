@@ -153,7 +153,7 @@ def qwen35_mappings(config: Any, hf_keys: Iterable[str]) -> list[Mapping]:
             Replicated(f"{mtp}.enorm.weight", "mtp.pre_fc_norm_embedding.weight"),
             Replicated(f"{mtp}.hnorm.weight", "mtp.pre_fc_norm_hidden.weight"),
             Replicated(f"{mtp}.final_layernorm.weight", "mtp.norm.weight"),
-            *_attention(f"{mtp}.mtp_model_layer", "mtp.layers.{mtp}", config, None),
-            *_mlp(f"{mtp}.mtp_model_layer", "mtp.layers.{mtp}", config, experts_packed(keys, "mtp.layers.")),
+            *_attention(f"{mtp}.transformer_layer", "mtp.layers.{mtp}", config, None),
+            *_mlp(f"{mtp}.transformer_layer", "mtp.layers.{mtp}", config, experts_packed(keys, "mtp.layers.")),
         ]
     return out

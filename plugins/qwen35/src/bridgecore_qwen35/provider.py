@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from bridgecore.errors import BridgeError
 from bridgecore.megatron.config import ModelConfig
 
@@ -110,41 +109,41 @@ def qwen35_config(hf_config: dict[str, Any]) -> Qwen35Config:
     if mtp_layers > 1:
         # The HF layout names the MTP fc and norms without a layer index: one MTP layer is all it holds.
         raise BridgeError(f"config.json mtp_num_hidden_layers is {mtp_layers}; the Qwen3.5 layout holds at most 1")
-    fields: dict[str, Any] = dict(
-        num_layers=text["num_hidden_layers"],
-        hidden_size=text["hidden_size"],
-        num_attention_heads=text["num_attention_heads"],
-        num_query_groups=text["num_key_value_heads"],
-        kv_channels=text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]),
-        ffn_hidden_size=text.get("intermediate_size", text.get("moe_intermediate_size")),
-        normalization="RMSNorm",
-        layernorm_epsilon=text.get("rms_norm_eps", 1e-6),
-        layernorm_zero_centered_gamma=True,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        qk_layernorm=True,
-        attention_output_gate=True,
-        experimental_attention_variant="gated_delta_net",
-        linear_attention_freq=[int(x) for x in linear],
-        linear_conv_kernel_dim=text.get("linear_conv_kernel_dim", 4),
-        linear_key_head_dim=text.get("linear_key_head_dim", 128),
-        linear_value_head_dim=text.get("linear_value_head_dim", 128),
-        linear_num_key_heads=text.get("linear_num_key_heads", 16),
-        linear_num_value_heads=text.get("linear_num_value_heads", 32),
-        position_embedding_type="rope",
-        rotary_percent=partial,
-        rotary_base=theta,
-        vocab_size=text["vocab_size"],
-        max_sequence_length=text.get("max_position_embeddings", 4096),
-        share_embeddings_and_output_weights=bool(tied),
-        mtp_num_layers=mtp_layers or None,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        hf_config=hf_config,
-    )
+    fields: dict[str, Any] = {
+        "num_layers": text["num_hidden_layers"],
+        "hidden_size": text["hidden_size"],
+        "num_attention_heads": text["num_attention_heads"],
+        "num_query_groups": text["num_key_value_heads"],
+        "kv_channels": text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]),
+        "ffn_hidden_size": text.get("intermediate_size", text.get("moe_intermediate_size")),
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": text.get("rms_norm_eps", 1e-6),
+        "layernorm_zero_centered_gamma": True,
+        "gated_linear_unit": True,
+        "activation_func": torch.nn.functional.silu,
+        "add_bias_linear": False,
+        "add_qkv_bias": False,
+        "qk_layernorm": True,
+        "attention_output_gate": True,
+        "experimental_attention_variant": "gated_delta_net",
+        "linear_attention_freq": [int(x) for x in linear],
+        "linear_conv_kernel_dim": text.get("linear_conv_kernel_dim", 4),
+        "linear_key_head_dim": text.get("linear_key_head_dim", 128),
+        "linear_value_head_dim": text.get("linear_value_head_dim", 128),
+        "linear_num_key_heads": text.get("linear_num_key_heads", 16),
+        "linear_num_value_heads": text.get("linear_num_value_heads", 32),
+        "position_embedding_type": "rope",
+        "rotary_percent": partial,
+        "rotary_base": theta,
+        "vocab_size": text["vocab_size"],
+        "max_sequence_length": text.get("max_position_embeddings", 4096),
+        "share_embeddings_and_output_weights": bool(tied),
+        "mtp_num_layers": mtp_layers or None,
+        "params_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "hf_config": hf_config,
+    }
     if text.get("num_experts"):
         fields.update(
             num_moe_experts=text["num_experts"],

@@ -17,33 +17,73 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from megatron.core.models.backends import LocalSpecProvider
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-from megatron.core.transformer.spec_utils import ModuleSpec
-
 from bridgecore.megatron.norms import LocalNorm
 from bridgecore.megatron.specs import ModelSpec
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 
-class NormColumnParallelLinear(ColumnParallelLinear):
-    """RMSNorm (zero-centered when the config says so, computed in fp32) then a column-parallel linear."""
+class NormColumnParallelLinear(MegatronModule):
+    """RMSNorm (zero-centered when the config says so, computed in fp32), then a column-parallel linear.
 
-    def __init__(self, input_size: int, output_size: int, *, config: Any, **kwargs: Any):
-        super().__init__(input_size, output_size, config=config, **kwargs)
-        if config.normalization != "RMSNorm":
-            raise ValueError(f"{type(self).__name__} supports RMSNorm only, not {config.normalization}")
+    Parameters as Transformer Engine's LayerNormColumnParallelLinear: ``layer_norm_weight``
+    (replicated), ``weight`` (and ``bias``) split over TP along dim 0, marked with megatron-core's
+    tensor-parallel attributes. Sequence parallelism and gathered output are not supported.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config: Any, init_method: Any, bias: bool,
+                 skip_bias_add: bool, gather_output: bool = False, is_expert: bool = False, stride: int = 1,
+                 tp_group: Any = None, **_: Any):
+        from megatron.core.tensor_parallel.layers import (
+            set_tensor_model_parallel_attributes,
+        )
+        from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+        super().__init__(config)
+        if config.normalization != "RMSNorm" or config.sequence_parallel or gather_output or is_expert:
+            raise ValueError(f"{type(self).__name__}: RMSNorm without sequence parallelism or gathered output only")
+        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)
+        tp = self.tp_group.size()
+        if output_size % tp:
+            raise ValueError(f"{type(self).__name__}: {output_size} outputs do not split over TP={tp}")
         self.zero_centered = bool(config.layernorm_zero_centered_gamma)
-        self.eps = config.layernorm_epsilon
+        self.eps, self.skip_bias_add = config.layernorm_epsilon, skip_bias_add
         init = torch.zeros if self.zero_centered else torch.ones
         self.layer_norm_weight = torch.nn.Parameter(init(input_size, dtype=config.params_dtype))
-        setattr(self.layer_norm_weight, "sequence_parallel", config.sequence_parallel)
+        self.layer_norm_weight.sequence_parallel = False
+        self.weight = torch.nn.Parameter(torch.empty(output_size // tp, input_size, dtype=config.params_dtype))
+        if config.perform_initialization:
+            init_method(self.weight)
+        set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
+        self.bias = None
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(output_size // tp, dtype=config.params_dtype))
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+        )
+
         dtype, h = x.dtype, x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.layer_norm_weight.float()
-        h = h * (weight + 1 if self.zero_centered else weight)
-        return super().forward(h.to(dtype), *args, **kwargs)
+        h = (h * (weight + 1 if self.zero_centered else weight)).to(dtype)
+        h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        out = torch.nn.functional.linear(h, self.weight, None if self.skip_bias_add else self.bias)
+        return out, self.bias if self.skip_bias_add else None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> Any:
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0, "bias": 0}, sharded_offsets,
+                                                   tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
 
 
 class LocalFusedBackend(LocalSpecProvider):
@@ -61,7 +101,10 @@ class LocalFusedBackend(LocalSpecProvider):
 
 def _attention_spec(backend: LocalFusedBackend) -> ModuleSpec:
     """Gated self-attention with q/k norms, input norm fused into ``linear_qkv`` (the TE layout)."""
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.attention import (
+        SelfAttention,
+        SelfAttentionSubmodules,
+    )
     from megatron.core.transformer.enums import AttnMaskType
 
     return ModuleSpec(
@@ -81,7 +124,10 @@ def _attention_spec(backend: LocalFusedBackend) -> ModuleSpec:
 def _layer_spec(attention: ModuleSpec, mlp: ModuleSpec, backend: LocalFusedBackend) -> ModuleSpec:
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+    from megatron.core.transformer.transformer_layer import (
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
 
     norm = backend.layer_norm(rms_norm=True)
     return ModuleSpec(
@@ -99,8 +145,12 @@ def _layer_spec(attention: ModuleSpec, mlp: ModuleSpec, backend: LocalFusedBacke
 
 def qwen35_layer_spec(config: Any, vp_stage: int | None = None) -> ModelSpec:
     """Decoder block of this pipeline stage, and the MTP block (full attention + the model's MLP)."""
-    from megatron.core.models.gpt import experimental_attention_variant_module_specs as hybrid
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
+    from megatron.core.models.gpt import (
+        experimental_attention_variant_module_specs as hybrid,
+    )
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_mtp_block_spec_for_backend,
+    )
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
