@@ -23,9 +23,18 @@ import copy
 from collections.abc import Sequence
 
 import torch
-
 from bridgecore.errors import BridgeError
-from bridgecore.mapping import FusedQKV, HFPiece, Mapping, Pattern, Replicated, Shard, Shifted, Source, Stacked
+from bridgecore.mapping import (
+    FusedQKV,
+    HFPiece,
+    Mapping,
+    Pattern,
+    Replicated,
+    Shard,
+    Shifted,
+    Source,
+    Stacked,
+)
 
 WEIGHT_AMAX = "weight_quantizer._amax"
 INPUT_AMAX = "input_quantizer._amax"

@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-
 from bridgecore.errors import BridgeError
-from bridgecore.mapping import MappingTable, Stacked
+from bridgecore.mapping import MappingTable, Source, Stacked
 
 from bridgecore_quant.amax import INPUT_AMAX, KV_AMAX, WEIGHT_AMAX, Amax
 
@@ -25,9 +24,15 @@ AMAX_SUFFIX = "._amax"
 class QuantizerState(torch.nn.Module):
     """The calibrated range of one quantizer: a persistent ``_amax`` buffer, fp32 like ModelOpt's."""
 
-    def __init__(self, shape: Sequence[int], dtype: torch.dtype = torch.float32):
+    def __init__(self, shape: Sequence[int], partition_dim: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.register_buffer("_amax", torch.zeros(tuple(shape), dtype=dtype))
+        #: the dim this rank's buffer is a TP slice of, like its weight's; None when whole.
+        self.partition_dim = partition_dim
+        if partition_dim is not None:
+            # What the core's parameter iteration reads to split and gather a tensor over TP.
+            self._amax.tensor_model_parallel = True
+            self._amax.partition_dim = partition_dim
 
     @property
     def amax(self) -> torch.Tensor:
@@ -63,18 +68,19 @@ def _candidates(model: torch.nn.Module) -> Iterable[tuple[str, str]]:
 def attach_quantizers(
     model: torch.nn.Module,
     table: MappingTable,
-    hf_shape: Callable[[str], tuple[int, ...]],
+    source: Source,
     hf_keys: frozenset[str],
     global_name: Callable[[str], str],
     tp: int,
     etp: int,
 ) -> list[str]:
-    """Add a :class:`QuantizerState` wherever ``table`` maps an amax the checkpoint has.
+    """Add a :class:`QuantizerState` wherever ``table`` maps an amax that ``source`` has.
 
-    ``global_name`` turns a local module path into the global one the mappings speak; ``hf_shape``
-    gives a checkpoint tensor's shape; ``tp``/``etp`` are the (expert) TP sizes. Per-channel amax that keep the weight's partitioned dim are
-    marked TP-partitioned like the weight, so the core splits and gathers them. Returns the global
-    names of the buffers added.
+    ``source`` is the HF checkpoint (or the record of it a Megatron checkpoint keeps), ``hf_keys``
+    its tensor names: each buffer takes its tensor's shape. ``global_name`` turns a local module
+    path into the global one the mappings speak; ``tp``/``etp`` are the (expert) TP sizes.
+    Per-channel amax that keep the weight's partitioned dim are split over TP like the weight.
+    Returns the global names added.
     """
     added = []
     for local, suffix in _candidates(model):
@@ -83,30 +89,58 @@ def attach_quantizers(
         if binding is None or binding.hf[0] not in hf_keys:
             continue
         mapping = binding.mapping
-        shape = tuple(hf_shape(binding.hf[0]))
+        shape = tuple(source.shape(binding.hf[0]))
         stacked = isinstance(mapping, Stacked)
         inner = mapping.inner if stacked else mapping
         if stacked:
             shape = shape[1:]
         dim = inner.weight.partition_dim if isinstance(inner, Amax) and inner.splits(shape) else None
         size = etp if ".experts." in name else tp
-        quantizer = QuantizerState(_local_shape(shape, dim, size, binding.hf[0]))
-        if dim is not None:
-            quantizer._amax.tensor_model_parallel = True
-            quantizer._amax.partition_dim = dim
+        quantizer = QuantizerState(_local_shape(shape, dim, size, binding.hf[0]), dim)
         owner = model.get_submodule(local) if local else model
         owner.add_module(suffix.split(".")[0], quantizer)
+        _save_quantizers_with(owner)
         added.append(name)
     return added
 
 
+def _save_quantizers_with(owner: torch.nn.Module) -> None:
+    """Make ``owner``'s torch_dist state carry its quantizers, split over TP where they are.
+
+    megatron-core linears save child buffers as replicated (wrong for a TP-split per-channel amax)
+    and ``core_attention`` saves none, so the owner's ``sharded_state_dict`` is wrapped, once.
+    """
+    if getattr(owner, "_bridgecore_quantizers", False):
+        return
+    own = owner.sharded_state_dict
+
+    def sharded_state_dict(prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = own(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        quantizers = {n: q for n, q in owner.named_children() if isinstance(q, QuantizerState)}
+        state = {f"{n}._amax": q._amax for n, q in quantizers.items()}
+        axes = {f"{n}._amax": q.partition_dim for n, q in quantizers.items() if q.partition_dim is not None}
+        tp_group = getattr(owner, "tp_group", None) or ps.get_tensor_model_parallel_group()
+        out |= make_sharded_tensors_for_checkpoint(state, prefix, axes, sharded_offsets, tp_group=tp_group,
+                                                   dp_cp_group=metadata["dp_cp_group"])
+        return out
+
+    owner.sharded_state_dict = sharded_state_dict
+    owner._bridgecore_quantizers = True
+
+
 def global_namer(model: torch.nn.Module, config: Any) -> Callable[[str], str]:
     """Local -> global names for one PP stage, as the core's parameter iteration names them."""
+    from bridgecore.megatron.params import global_name
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.multi_token_prediction import get_mtp_layer_offset
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    from bridgecore.megatron.params import global_name
 
     vp_stage = getattr(model, "vp_stage", None)
     layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)

@@ -1,0 +1,49 @@
+"""bridgecore-quant: ModelOpt quantizer state (amax) for any model family, and FP8/NVFP4 HF export.
+
+Opt-in by content: the amax mappings exist for every family, but quantizer buffers are attached to
+a Megatron model only when its checkpoint carries ``*_quantizer._amax`` tensors, and the deployable
+formats run only when the user asks for them with ``--quant``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bridgecore.hookspecs import hookimpl
+from bridgecore.mapping import Mapping, MappingTable, Source
+
+from bridgecore_quant.amax import Amax, amax_mappings
+from bridgecore_quant.formats import export_fp8, export_nvfp4
+from bridgecore_quant.state import (
+    QuantizerState,
+    attach_quantizers,
+    global_namer,
+    has_amax,
+)
+
+if TYPE_CHECKING:
+    from bridgecore.megatron.config import ModelConfig
+
+__all__ = ["Amax", "QuantizerState", "amax_mappings", "attach_quantizers", "export_fp8", "export_nvfp4"]
+
+
+@hookimpl
+def quant_mappings(config: ModelConfig, mappings: list[Mapping]) -> list[Mapping]:
+    return amax_mappings(mappings)
+
+
+@hookimpl
+def prepare_model(model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable,
+                  source: Source | None) -> None:
+    """Attach quantizer state to one PP stage for every amax the checkpoint (or its record) has."""
+    from megatron.core import parallel_state as ps
+
+    if source is None or not has_amax(hf_keys):
+        return
+    attach_quantizers(model, table, source, hf_keys, global_namer(model, config),
+                      ps.get_tensor_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+
+
+@hookimpl
+def export_formats() -> dict[str, Any]:
+    return {"fp8": export_fp8, "nvfp4": export_nvfp4}

@@ -1,0 +1,217 @@
+"""Deployable checkpoints from a calibrated HF checkpoint: ``bridgecore export --quant fp8|nvfp4``.
+
+The source is an HF checkpoint whose quantized linears ``<m>`` carry ``<m>.weight_quantizer._amax``
+and ``<m>.input_quantizer._amax`` (what bridgecore exports from a Megatron model with quantizer
+state). Each such ``<m>`` becomes, as ModelOpt's unified HF export writes it:
+
+- FP8: ``weight`` E4M3, ``weight_scale`` = amax/448, ``input_scale`` = input amax/448;
+- NVFP4: ``weight`` uint8 (two E2M1 per byte), ``weight_scale`` E4M3 per 16 inputs,
+  ``weight_scale_2`` = amax/(6·448), ``input_scale`` = input amax/(6·448).
+
+Scales keep the amax's shape (``[]``, ``[1]``, or ``[E]`` for stacked experts). ``k_bmm`` /
+``v_bmm`` amax become an FP8 KV cache: ``<attn>.k_proj.k_scale`` = amax/448 (and ``v``). Every other
+tensor is copied unchanged; modules with a weight but no quantizer are listed in ``exclude_modules``.
+The conversion streams: the output is planned from shapes, then one source tensor at a time is read,
+converted and written by the core's ``ShardedWriter``, which makes the output appear only when whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from bridgecore.errors import BridgeError
+from bridgecore.hf.config import copy_side_files
+from bridgecore.hf.reader import CheckpointReader
+from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, check_target
+
+from bridgecore_quant import numerics
+from bridgecore_quant.amax import (
+    INPUT_AMAX,
+    KV_AMAX,
+    WEIGHT_AMAX,
+    is_per_tensor,
+    module_of,
+)
+
+PRODUCER = {"name": "bridgecore-quant", "version": "0.1.0"}
+_KV_SCALE = {KV_AMAX[0]: "k_proj.k_scale", KV_AMAX[1]: "v_proj.v_scale"}
+
+Tensors = Iterator[tuple[str, torch.Tensor]]
+Planned = Iterator[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+def _check_amax(reader: CheckpointReader, name: str, weight_shape: tuple[int, ...]) -> None:
+    amax = reader.read(name, ())
+    if not (is_per_tensor(amax.shape) or tuple(amax.shape) == weight_shape[:-2]):
+        raise BridgeError(
+            f"{name}: shape {list(amax.shape)}; FP8/NVFP4 export needs a per-tensor amax ([] or [1], [E] for"
+            f" stacked experts), not a per-channel or per-block one"
+        )
+    if not bool((amax > 0).all()):
+        raise BridgeError(f"{name}: amax {amax.flatten().tolist()} is not positive; the quantizer was never calibrated")
+
+
+def _fp8(reader: CheckpointReader, module: str) -> Tensors:
+    q, scale = numerics.fp8_quantize(reader.read(f"{module}.weight", ()), reader.read(f"{module}.{WEIGHT_AMAX}", ()))
+    yield f"{module}.weight", q
+    yield f"{module}.weight_scale", scale
+    yield f"{module}.input_scale", reader.read(f"{module}.{INPUT_AMAX}", ()).float() / numerics.E4M3_MAX
+
+
+def _fp8_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], input_amax: tuple[int, ...]) -> Planned:
+    yield f"{module}.weight", weight, torch.float8_e4m3fn
+    yield f"{module}.weight_scale", amax, torch.float32
+    yield f"{module}.input_scale", input_amax, torch.float32
+
+
+def _nvfp4(reader: CheckpointReader, module: str) -> Tensors:
+    weight, amax = reader.read(f"{module}.weight", ()), reader.read(f"{module}.{WEIGHT_AMAX}", ())
+    packed, block_scale, scale_2 = numerics.nvfp4_quantize(weight, amax)
+    yield f"{module}.weight", packed
+    yield f"{module}.weight_scale", block_scale
+    yield f"{module}.weight_scale_2", scale_2
+    input_amax = reader.read(f"{module}.{INPUT_AMAX}", ()).float()
+    yield f"{module}.input_scale", input_amax / (numerics.E2M1_MAX * numerics.E4M3_MAX)
+
+
+def _nvfp4_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], input_amax: tuple[int, ...]) -> Planned:
+    if weight[-1] % numerics.NVFP4_BLOCK:
+        raise BridgeError(f"{module}.weight: {weight[-1]} input features do not split into NVFP4 blocks of {numerics.NVFP4_BLOCK}")
+    yield f"{module}.weight", (*weight[:-1], weight[-1] // 2), torch.uint8
+    yield f"{module}.weight_scale", (*weight[:-1], weight[-1] // numerics.NVFP4_BLOCK), torch.float8_e4m3fn
+    yield f"{module}.weight_scale_2", amax, torch.float32
+    yield f"{module}.input_scale", input_amax, torch.float32
+
+
+_QUANTIZERS: dict[str, Callable[[CheckpointReader, str], Tensors]] = {"fp8": _fp8, "nvfp4": _nvfp4}
+_PLANS: dict[str, Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], Planned]] = {
+    "fp8": _fp8_plan,
+    "nvfp4": _nvfp4_plan,
+}
+_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4"}
+
+
+def _quantized_modules(keys: list[str]) -> set[str]:
+    modules = {module_of(module_of(k)) for k in keys if k.endswith(f".{WEIGHT_AMAX}")}
+    for m in sorted(modules):
+        if f"{m}.weight" not in keys:
+            raise BridgeError(f"{m}.{WEIGHT_AMAX}: the checkpoint has no {m}.weight to quantize")
+        if f"{m}.{INPUT_AMAX}" not in keys:
+            raise BridgeError(f"{m}.{INPUT_AMAX}: missing; weight-and-activation formats need the input amax too")
+    return modules
+
+
+def _kv_scale(key: str) -> str | None:
+    """``<attn>.k_proj.k_scale`` for ``<attn>.k_bmm_quantizer._amax`` (and ``v``); None for other keys."""
+    suffix = next((s for s in KV_AMAX if key.endswith("." + s)), None)
+    return None if suffix is None else f"{key[: -len(suffix) - 1]}.{_KV_SCALE[suffix]}"
+
+
+def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: set[str]) -> Planned:
+    """What :func:`_converted` writes, in its order, from shapes and the (small) amax alone."""
+    for key in keys:
+        if "_quantizer." in key:
+            scale = _kv_scale(key)
+            if scale is not None:
+                yield scale, reader.shape(key), torch.float32
+            elif not key.endswith((WEIGHT_AMAX, INPUT_AMAX)):
+                raise BridgeError(f"{key}: quantizer state other than amax cannot be exported to {fmt}")
+        elif key.endswith(".weight") and module_of(key) in quantized:
+            module, weight = module_of(key), reader.shape(key)
+            for amax in (f"{module}.{WEIGHT_AMAX}", f"{module}.{INPUT_AMAX}"):
+                _check_amax(reader, amax, weight)
+            yield from _PLANS[fmt](module, weight, reader.shape(f"{module}.{WEIGHT_AMAX}"), reader.shape(f"{module}.{INPUT_AMAX}"))
+        else:
+            yield key, reader.shape(key), reader.dtype(key)
+
+
+def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: set[str]) -> Tensors:
+    for key in keys:
+        if "_quantizer." in key:
+            scale = _kv_scale(key)
+            if scale is not None:
+                yield scale, reader.read(key, ()).float() / numerics.E4M3_MAX
+        elif key.endswith(".weight") and module_of(key) in quantized:
+            yield from _QUANTIZERS[fmt](reader, module_of(key))
+        else:
+            yield key, reader.read(key, ())
+
+
+def quant_config(fmt: str, keys: list[str], quantized: set[str]) -> dict[str, Any]:
+    """``hf_quant_config.json``: the algorithm, the KV cache format and the unquantized modules."""
+    weighted = {module_of(k) for k in keys if k.endswith(".weight")}
+    kv = any(k.endswith(KV_AMAX) for k in keys)
+    quantization: dict[str, Any] = {
+        "quant_algo": _ALGO[fmt],
+        "kv_cache_quant_algo": "FP8" if kv else None,
+        "exclude_modules": sorted(weighted - quantized),
+    }
+    if fmt == "nvfp4":
+        quantization["group_size"] = numerics.NVFP4_BLOCK
+    return {"producer": PRODUCER, "quantization": quantization}
+
+
+def config_quantization(hf_quant: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` that newer ModelOpt writes next to it."""
+    q = hf_quant["quantization"]
+    bits = 4 if q["quant_algo"] == "NVFP4" else 8
+    group = {"group_size": q["group_size"]} if "group_size" in q else {}
+    tensor = {"dynamic": False, "num_bits": bits, "type": "float", **group}
+    out: dict[str, Any] = {
+        "quant_method": "modelopt",
+        "quant_algo": q["quant_algo"],
+        "ignore": q["exclude_modules"],
+        "config_groups": {"group_0": {"weights": tensor, "input_activations": dict(tensor), "targets": ["Linear"]}},
+        "producer": hf_quant["producer"],
+    }
+    if q["kv_cache_quant_algo"]:
+        out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    return out
+
+
+def export(fmt: str, src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write the ``fmt`` checkpoint of the calibrated HF checkpoint ``src_dir`` to ``out_dir``."""
+    if fmt not in _QUANTIZERS:
+        raise BridgeError(f"--quant {fmt}: unknown format; this plugin writes {', '.join(sorted(_QUANTIZERS))}")
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    check_target(out_dir, overwrite)
+    with CheckpointReader(src_dir) as reader:
+        keys = reader.keys()
+        quantized = _quantized_modules(keys)
+        if not quantized:
+            raise BridgeError(f"{src_dir}: no tensor ends in .{WEIGHT_AMAX}; export a calibrated model (with quantizer state) first")
+        hf_quant = quant_config(fmt, keys, quantized)
+        config = json.loads((src_dir / "config.json").read_text())
+        config["quantization_config"] = config_quantization(hf_quant)
+        writer = ShardedWriter(out_dir, list(_planned(reader, keys, fmt, quantized)), max_shard_size)
+        temp_dir = writer.create()
+        try:
+            for name, tensor in _converted(reader, keys, fmt, quantized):
+                writer.write(name, tensor)
+            copy_side_files(src_dir, temp_dir)
+            _write_json(temp_dir / "config.json", config)
+            _write_json(temp_dir / "hf_quant_config.json", hf_quant)
+            writer.commit([writer.written()], overwrite=overwrite)
+        except BaseException:
+            writer.abort()
+            raise
+    return out_dir
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export_fp8(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+               max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    return export("fp8", src_dir, out_dir, overwrite, max_shard_size)
+
+
+def export_nvfp4(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+                 max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    return export("nvfp4", src_dir, out_dir, overwrite, max_shard_size)

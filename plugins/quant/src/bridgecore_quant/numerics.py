@@ -1,0 +1,67 @@
+"""FP8 (E4M3) per-tensor and NVFP4 (E2M1, 16-wide blocks) quantization from calibrated amax.
+
+The scales follow ModelOpt's deployable export: FP8 ``scale = amax / 448``; NVFP4
+``scale_2 = amax / (6 * 448)``, per-block ``scale = block_amax / (6 * scale_2)`` stored as E4M3, and
+the elements E2M1 rounded to nearest (ties to the even code), two per byte, low nibble first.
+Leading dims are batch dims: a stacked ``[E, out, in]`` weight takes an ``[E]`` amax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16
+#: the E2M1 magnitudes of codes 0..7; code | 8 is the negative value.
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
+#: the smallest positive E4M3 subnormal: a block scale below it would store as 0.
+_E4M3_TINY = 2.0**-9
+
+
+def _per_leading(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """An amax-shaped scale ([], [1] or [E]) broadcastable over a weight of ``ndim`` dims."""
+    return scale.reshape(tuple(scale.shape) + (1,) * (ndim - scale.dim()))
+
+
+def fp8_quantize(weight: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 weight, fp32 scale shaped like ``amax``); values beyond amax saturate at ±448."""
+    scale = amax.float() / E4M3_MAX
+    scaled = weight.float() / _per_leading(scale, weight.dim())
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return weight.float() * _per_leading(scale.float(), weight.dim())
+
+
+def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    magnitude = scaled.abs().clamp(max=E2M1_MAX)
+    midpoints = _E2M1_MIDPOINTS.to(scaled.device)
+    code = torch.bucketize(magnitude, midpoints)  # a value on a midpoint lands on the lower code
+    on_midpoint = (magnitude.unsqueeze(-1) == midpoints).any(-1)
+    code = code + (on_midpoint & (code % 2 == 1)).to(code.dtype)  # ...unless that code is odd: ties to even
+    return (code | ((scaled < 0).to(code.dtype) << 3)).to(torch.uint8)
+
+
+def nvfp4_quantize(weight: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 ``[..., in/2]``, E4M3 block scales ``[..., in/16]``, fp32 ``scale_2`` shaped like amax)."""
+    scale_2 = amax.float() / (E2M1_MAX * E4M3_MAX)
+    blocks = weight.float().unflatten(-1, (weight.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK))
+    global_scale = _per_leading(scale_2, blocks.dim() - 1)
+    block_scale = blocks.abs().amax(-1) / (E2M1_MAX * global_scale)
+    # An all-zero block keeps scale 1 (any scale represents it); the clamp keeps E4M3 finite and non-zero.
+    block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
+    block_scale = block_scale.clamp(_E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
+    codes = _e2m1_codes(blocks / (block_scale.float() * global_scale).unsqueeze(-1)).flatten(-2)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, block_scale, scale_2
+
+
+def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2).long()
+    values = E2M1_VALUES.to(packed.device)[codes & 7] * torch.where(codes >= 8, -1.0, 1.0)
+    blocks = values.unflatten(-1, (values.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK))
+    scale = block_scale.float() * _per_leading(scale_2.float(), block_scale.dim())
+    return (blocks * scale.unsqueeze(-1)).flatten(-2)

@@ -1,0 +1,190 @@
+"""Amax mappings derived from a Llama-style + MoE mapping set: import then export is bit-exact.
+
+Every Megatron amax is imported rank by rank (TP 1 and 2; EP 1 and 2 deal the experts out to ranks)
+from a calibrated HF state, then exported from the gathered shards and compared with the source.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from bridgecore.errors import BridgeError
+from bridgecore.mapping import (
+    ColumnParallel,
+    FusedQKV,
+    GatedMLP,
+    MappingTable,
+    Replicated,
+    RowParallel,
+    Shard,
+    Stacked,
+)
+from bridgecore_quant.amax import Amax, amax_mappings, is_per_tensor
+
+H, HEADS, GROUPS, D, I, E, LAYERS, V = 32, 4, 2, 8, 16, 4, 2, 64
+
+
+class DictSource:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, index: tuple) -> torch.Tensor:
+        return self.tensors[name][index]
+
+
+def weight_mappings() -> list:
+    L, HL = "decoder.layers.{layer}.", "model.layers.{layer}."
+    ex = L + "mlp.experts.local_experts.{expert}."
+    return [
+        ColumnParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+        Replicated(L + "input_layernorm.weight", HL + "input_layernorm.weight"),
+        FusedQKV(L + "self_attention.linear_qkv.weight", *(HL + f"self_attn.{p}_proj.weight" for p in "qkv"),
+                 heads=HEADS, groups=GROUPS, head_dim=D),
+        RowParallel(L + "self_attention.linear_proj.weight", HL + "self_attn.o_proj.weight"),
+        Replicated(L + "mlp.router.weight", HL + "mlp.gate.weight", layers=[0]),
+        GatedMLP(ex + "linear_fc1.weight", HL + "mlp.experts.{expert}.gate_proj.weight",
+                 HL + "mlp.experts.{expert}.up_proj.weight", layers=[0]),
+        RowParallel(ex + "linear_fc2.weight", HL + "mlp.experts.{expert}.down_proj.weight", layers=[0]),
+        Stacked(GatedMLP(ex + "linear_fc1.weight", HL + "moe.gate_proj.weight", HL + "moe.up_proj.weight", layers=[1]), E),
+        Stacked(RowParallel(ex + "linear_fc2.weight", HL + "moe.down_proj.weight", layers=[1]), E),
+        ColumnParallel("output_layer.weight", "lm_head.weight"),
+    ]
+
+
+def hf_linears() -> dict[str, tuple[int, ...]]:
+    """HF quantized linear module -> weight shape (stacked ones lead with E)."""
+    out = {}
+    for n in range(LAYERS):
+        p = f"model.layers.{n}."
+        out |= {p + "self_attn.q_proj": (HEADS * D, H), p + "self_attn.k_proj": (GROUPS * D, H),
+                p + "self_attn.v_proj": (GROUPS * D, H), p + "self_attn.o_proj": (H, HEADS * D)}
+    for e in range(E):
+        p = f"model.layers.0.mlp.experts.{e}."
+        out |= {p + "gate_proj": (I, H), p + "up_proj": (I, H), p + "down_proj": (H, I)}
+    p = "model.layers.1.moe."
+    out |= {p + "gate_proj": (E, I, H), p + "up_proj": (E, I, H), p + "down_proj": (E, H, I)}
+    return out
+
+
+FUSED = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
+
+
+def calibrated(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """HF amax tensors; per-tensor values shared within each fused group, as one quantizer implies."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=g) + 0.1
+
+    out = {}
+    for module, shape in hf_linears().items():
+        stacked = len(shape) == 3
+        lead = shape[:1] if stacked else ()
+        for q in ("weight_quantizer", "input_quantizer"):
+            if kind == "per_channel" and q == "weight_quantizer":
+                value = draw(*lead, shape[-2], 1)
+            else:
+                value = draw(*lead) if stacked else draw(*((1,) if kind == "scalar1" else ()))
+            out[f"{module}.{q}._amax"] = value
+    for group in FUSED:
+        for key in list(out):
+            first = next((f".{g}." for g in group if f".{g}." in key), None)
+            if first and first != f".{group[0]}." and not (kind == "per_channel" and "weight_quantizer" in key):
+                out[key] = out[key.replace(first, f".{group[0]}.")].clone()
+    for n in range(LAYERS):
+        for s in ("k_bmm_quantizer", "v_bmm_quantizer"):
+            out[f"model.layers.{n}.self_attn.{s}._amax"] = draw()
+    return out
+
+
+def megatron_names(table: MappingTable) -> list[str]:
+    names = []
+    for n in range(LAYERS):
+        L = f"decoder.layers.{n}."
+        mods = [L + "self_attention.linear_qkv", L + "self_attention.linear_proj"]
+        mods += [L + f"mlp.experts.local_experts.{e}.linear_fc{k}" for e in range(E) for k in (1, 2)]
+        names += [f"{m}.{q}._amax" for m in mods for q in ("weight_quantizer", "input_quantizer")]
+        names += [L + f"self_attention.core_attention.{s}._amax" for s in ("k_bmm_quantizer", "v_bmm_quantizer")]
+    return names
+
+
+def roundtrip(hf: dict[str, torch.Tensor], tp: int, ep: int) -> dict[str, torch.Tensor]:
+    table = MappingTable(amax_mappings(weight_mappings()))
+    source, out, slabs = DictSource(hf), {}, {}
+    per_rank = E // ep
+    for name in megatron_names(table):
+        b = table.find(name)
+        assert b is not None, name
+        inner = b.mapping.inner if isinstance(b.mapping, Stacked) else b.mapping
+        hf_shape = source.shape(b.hf[0])[1:] if isinstance(b.mapping, Stacked) else source.shape(b.hf[0])
+        size = tp if isinstance(inner, Amax) and inner.splits(hf_shape) else 1
+        shards = [b.mapping.to_megatron(source, b.capture_dict, Shard(r, size)) for r in range(size)]
+        # EP: an expert lives on rank expert // per_rank, which alone exports it.
+        rank = b.capture_dict.get("expert", 0) // per_rank
+        for piece in b.mapping.to_hf(shards, b.capture_dict):
+            if piece.expert is None:
+                assert piece.name not in out or torch.equal(out[piece.name], piece.tensor)
+                out[piece.name] = piece.tensor
+            else:
+                slabs.setdefault(piece.name, {})[piece.expert] = (rank, piece.tensor)
+    for name, parts in slabs.items():
+        assert sorted(parts) == list(range(E)), name
+        assert {r for r, _ in parts.values()} == set(range(ep))
+        out[name] = torch.stack([parts[e][1] for e in range(E)])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["scalar", "scalar1", "per_channel"])
+@pytest.mark.parametrize("tp,ep", list(itertools.product([1, 2], [1, 2])))
+def test_amax_roundtrip_is_bit_exact(kind: str, tp: int, ep: int) -> None:
+    hf = calibrated(kind)
+    back = roundtrip(hf, tp, ep)
+    assert sorted(back) == sorted(hf)
+    for name, tensor in hf.items():
+        assert back[name].shape == tensor.shape and back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name], tensor), name
+
+
+def test_per_channel_qkv_amax_is_laid_out_like_the_weight() -> None:
+    hf = calibrated("per_channel")
+    qkv = weight_mappings()[2]
+    table = MappingTable(amax_mappings([qkv]))
+    b = table.find("decoder.layers.0.self_attention.linear_qkv.weight_quantizer._amax")
+    rows = {p: hf[f"model.layers.0.self_attn.{p}_proj.weight_quantizer._amax"] for p in "qkv"}
+    weights = {f"model.layers.0.self_attn.{p}_proj.weight": rows[p].expand(-1, H) for p in "qkv"}
+    for r in range(2):
+        amax = b.mapping.to_megatron(DictSource(hf), b.capture_dict, Shard(r, 2))
+        weight = qkv.to_megatron(DictSource(weights), b.capture_dict, Shard(r, 2))
+        assert torch.equal(amax.expand(-1, H), weight)
+
+
+def test_fused_targets_with_different_per_tensor_amax_are_refused() -> None:
+    hf = calibrated("scalar")
+    hf["model.layers.0.self_attn.k_proj.input_quantizer._amax"] = torch.tensor(9.0)
+    table = MappingTable(amax_mappings(weight_mappings()))
+    b = table.find("decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax")
+    with pytest.raises(BridgeError, match="k_proj.input_quantizer._amax: amax .* differs from .*q_proj"):
+        b.mapping.to_megatron(DictSource(hf), b.capture_dict, Shard())
+
+
+def test_fanout_export_writes_every_target() -> None:
+    table = MappingTable(amax_mappings(weight_mappings()))
+    b = table.find("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight_quantizer._amax")
+    pieces = b.mapping.to_hf([torch.tensor(0.5)], b.capture_dict)
+    assert [(p.name, p.expert, p.num_experts) for p in pieces] == [
+        ("model.layers.1.moe.gate_proj.weight_quantizer._amax", 2, E),
+        ("model.layers.1.moe.up_proj.weight_quantizer._amax", 2, E),
+    ]
+
+
+def test_only_linears_get_amax_mappings() -> None:
+    derived = {m.megatron.text for m in amax_mappings(weight_mappings())}
+    assert not any("norm" in t or "embedding" in t for t in derived)
+    assert "output_layer.weight_quantizer._amax" in derived
+    assert "decoder.layers.{layer}.self_attention.core_attention.k_bmm_quantizer._amax" in derived
+    assert is_per_tensor(()) and is_per_tensor((1,)) and not is_per_tensor((4, 1))

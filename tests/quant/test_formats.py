@@ -1,0 +1,185 @@
+"""FP8 and NVFP4 export of a calibrated checkpoint: every weight dequantizes within its format's bound.
+
+Bounds (s = the tensor's scale; E4M3 has 3 mantissa bits, so rounding a normal value moves it by at
+most 2^-4 of itself, a subnormal one by at most half its 2^-9 spacing):
+- FP8, with |w| <= amax: |w - deq| <= max(|w| / 16, s / 1024), s = amax / 448.
+- NVFP4: within a block the E2M1 rounding moves w/(b·s2) by at most half a code gap, at most 1 (between
+  4 and 6), and the E4M3-rounded block scale b at most shrinks by 1/(1+2^-4), which can push
+  |w/(b·s2)| to 6·17/16 before it saturates at 6, also within 1: |w - deq| <= b·s2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from bridgecore.errors import BridgeError
+from bridgecore.tiny import write_checkpoint
+from bridgecore_quant import numerics
+from bridgecore_quant.formats import export_fp8, export_nvfp4
+from safetensors.torch import load_file
+
+H, I, E, V = 64, 32, 4, 48
+QUANTIZED = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+             "model.layers.1.moe.gate_proj"]
+
+
+def write_calibrated(out: Path) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+
+    tensors = {
+        "model.embed_tokens.weight": w(V, H),
+        "model.layers.0.input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": w(H, H),
+        "model.layers.0.self_attn.o_proj.weight": w(H, H),
+        "model.layers.0.mlp.down_proj.weight": w(H, I),
+        "model.layers.1.mlp.gate.weight": w(E, H),
+        "model.layers.1.moe.gate_proj.weight": w(E, I, H),
+        "lm_head.weight": w(V, H),
+    }
+    tensors["model.layers.0.self_attn.o_proj.weight"][0, :16] = 0  # an all-zero NVFP4 block
+    for m in QUANTIZED:
+        weight = tensors[f"{m}.weight"].float()
+        stacked = weight.dim() == 3
+        tensors[f"{m}.weight_quantizer._amax"] = weight.abs().amax(dim=(1, 2)) if stacked else weight.abs().amax()
+        tensors[f"{m}.input_quantizer._amax"] = torch.rand((E,) if stacked else (), generator=g) + 1
+    tensors["model.layers.0.self_attn.k_bmm_quantizer._amax"] = torch.tensor(3.5)
+    tensors["model.layers.0.self_attn.v_bmm_quantizer._amax"] = torch.tensor(7.0)
+    write_checkpoint(out, {"architectures": ["LlamaForCausalLM"], "hidden_size": H}, tensors, shards=2)
+    (out / "tokenizer.json").write_text("{}")
+    return tensors
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out |= load_file(file)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    src = tmp_path_factory.mktemp("calibrated") / "ckpt"
+    return src, write_calibrated(src)
+
+
+def assert_fp8_within_bound(got: dict[str, torch.Tensor], source: dict[str, torch.Tensor], modules: list[str]) -> None:
+    for m in modules:
+        weight, amax = source[f"{m}.weight"].float(), source[f"{m}.weight_quantizer._amax"]
+        assert got[f"{m}.weight"].dtype == torch.float8_e4m3fn and got[f"{m}.weight"].shape == weight.shape
+        scale = got[f"{m}.weight_scale"]
+        assert scale.dtype == torch.float32 and scale.shape == amax.shape
+        assert torch.equal(scale, amax / 448)
+        assert torch.equal(got[f"{m}.input_scale"], source[f"{m}.input_quantizer._amax"] / 448)
+        deq = numerics.fp8_dequantize(got[f"{m}.weight"], scale)
+        s = numerics._per_leading(scale, weight.dim())
+        bound = torch.maximum(weight.abs() / 16, s / 1024) * (1 + 1e-6)
+        assert bool(((weight - deq).abs() <= bound).all()), m
+        assert not any(k.startswith(m + ".") and "quantizer" in k for k in got)
+
+
+def assert_nvfp4_within_bound(got: dict[str, torch.Tensor], source: dict[str, torch.Tensor], modules: list[str]) -> None:
+    for m in modules:
+        weight, amax = source[f"{m}.weight"].float(), source[f"{m}.weight_quantizer._amax"]
+        packed, block, scale_2 = got[f"{m}.weight"], got[f"{m}.weight_scale"], got[f"{m}.weight_scale_2"]
+        assert packed.dtype == torch.uint8 and packed.shape == (*weight.shape[:-1], weight.shape[-1] // 2)
+        assert block.dtype == torch.float8_e4m3fn and block.shape == (*weight.shape[:-1], weight.shape[-1] // 16)
+        assert torch.equal(scale_2, amax / (6 * 448))
+        assert torch.equal(got[f"{m}.input_scale"], source[f"{m}.input_quantizer._amax"] / (6 * 448))
+        deq = numerics.nvfp4_dequantize(packed, block, scale_2)
+        unit = (block.float() * numerics._per_leading(scale_2, block.dim())).repeat_interleave(16, dim=-1)
+        assert bool(((weight - deq).abs() <= unit * (1 + 1e-6)).all()), m
+        # the bound is not vacuous: a unit is about a sixth of the block's largest magnitude
+        blocks = weight.unflatten(-1, (-1, 16)).abs().amax(-1).repeat_interleave(16, dim=-1)
+        assert bool(((unit <= blocks / 6 * 17 / 16 * (1 + 1e-6)) | (blocks == 0)).all()), m
+        assert not any(k.startswith(m + ".") and "quantizer" in k for k in got)
+
+
+def assert_quant_config(out: Path, fmt: str, exclude: list[str], kv_cache: bool, source_config: dict) -> None:
+    """``hf_quant_config.json`` and ``config.json``'s ``quantization_config``, field by field."""
+    hf_quant = json.loads((out / "hf_quant_config.json").read_text())
+    assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.1.0"}
+    q = hf_quant["quantization"]
+    expected = {"quant_algo": fmt.upper(), "kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": exclude}
+    assert q == expected | ({"group_size": 16} if fmt == "nvfp4" else {})
+    config = json.loads((out / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    assert config == source_config
+    bits = 4 if fmt == "nvfp4" else 8
+    tensor = {"dynamic": False, "num_bits": bits, "type": "float"} | ({"group_size": 16} if fmt == "nvfp4" else {})
+    expected_qc = {
+        "quant_method": "modelopt",
+        "quant_algo": fmt.upper(),
+        "ignore": exclude,
+        "config_groups": {"group_0": {"weights": tensor, "input_activations": tensor, "targets": ["Linear"]}},
+        "producer": hf_quant["producer"],
+    }
+    if kv_cache:
+        expected_qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    assert qc == expected_qc
+
+
+def test_fp8_dequantizes_within_bound(calibrated, tmp_path: Path) -> None:
+    src, source = calibrated
+    out = export_fp8(src, tmp_path / "fp8")
+    got = load_dir(out)
+    assert_fp8_within_bound(got, source, QUANTIZED)
+    assert torch.equal(got["model.layers.0.self_attn.k_proj.k_scale"], torch.tensor(3.5 / 448))
+    assert torch.equal(got["model.layers.0.self_attn.v_proj.v_scale"], torch.tensor(7.0 / 448))
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight"):
+        assert torch.equal(got[name], source[name])
+    assert (out / "tokenizer.json").exists()
+
+
+def test_nvfp4_dequantizes_within_bound(calibrated, tmp_path: Path) -> None:
+    src, source = calibrated
+    got = load_dir(export_nvfp4(src, tmp_path / "nvfp4"))
+    assert_nvfp4_within_bound(got, source, QUANTIZED)
+    assert torch.equal(numerics.nvfp4_dequantize(got["model.layers.0.self_attn.o_proj.weight"][:1, :8],
+                                                 got["model.layers.0.self_attn.o_proj.weight_scale"][:1, :1],
+                                                 got["model.layers.0.self_attn.o_proj.weight_scale_2"]),
+                       torch.zeros(1, 16))
+
+
+def test_output_is_sharded_with_an_index(calibrated, tmp_path: Path) -> None:
+    src, source = calibrated
+    out = export_nvfp4(src, tmp_path / "nvfp4", max_shard_size=4096)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files == sorted(p.name for p in out.glob("*.safetensors"))
+    got = load_dir(out)
+    assert sorted(index["weight_map"]) == sorted(got)
+    assert_nvfp4_within_bound(got, source, QUANTIZED)
+
+
+def test_e2m1_rounds_to_nearest_with_ties_to_even() -> None:
+    scaled = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.3, -2.9, 0.0])
+    codes = numerics._e2m1_codes(scaled)
+    values = numerics.E2M1_VALUES[codes.long() & 7] * torch.where(codes >= 8, -1.0, 1.0)
+    assert values.tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.5, -3.0, 0.0]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_hf_quant_config_fields(calibrated, tmp_path: Path, fmt: str) -> None:
+    src, _ = calibrated
+    out = (export_fp8 if fmt == "fp8" else export_nvfp4)(src, tmp_path / fmt)
+    exclude = ["lm_head", "model.embed_tokens", "model.layers.0.input_layernorm", "model.layers.1.mlp.gate"]
+    assert_quant_config(out, fmt, exclude, True, {"architectures": ["LlamaForCausalLM"], "hidden_size": H})
+
+
+def test_refuses_existing_output_and_uncalibrated_amax(calibrated, tmp_path: Path) -> None:
+    src, source = calibrated
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BridgeError, match="already exists"):
+        export_fp8(src, tmp_path / "taken")
+    bad = tmp_path / "bad"
+    tensors = dict(source) | {"model.layers.0.self_attn.q_proj.weight_quantizer._amax": torch.tensor(0.0)}
+    write_checkpoint(bad, {"architectures": ["LlamaForCausalLM"]}, tensors, shards=1)
+    with pytest.raises(BridgeError, match="q_proj.weight_quantizer._amax: amax .* is not positive"):
+        export_nvfp4(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
