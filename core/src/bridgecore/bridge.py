@@ -9,6 +9,7 @@ stacked tensor, at their offsets; the output appears only when complete and veri
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -61,6 +62,20 @@ class SourceMeta:
         return cls({n: (tuple(s), getattr(torch, d)) for n, s, d in rows})
 
 
+#: model sizes every conversion builds tensors from; larger values are corrupt configs, not models.
+_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
+          "vocab_size", "num_moe_experts", "moe_ffn_hidden_size")
+_MAX_SIZE = 2**31
+
+
+def _check_sizes(config: ModelConfig, where: str) -> None:
+    """Refuse sizes no model has before megatron-core allocates (or overflows) with them."""
+    for name in _SIZES:
+        value = getattr(config, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < _MAX_SIZE):
+            raise BridgeError(f"{where}: {name} is {value!r}; expected a positive integer below 2**31")
+
+
 def exact_cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     """``tensor`` in ``dtype``, or an error if that cast would change any value."""
     if tensor.dtype == dtype or tensor.is_meta:
@@ -84,6 +99,11 @@ class AutoBridge:
         self.hf_dir, self.hf_config, self.plugin, self.plugins = hf_dir, hf_config, plugin, plugins
         self.config, self.reader = config, reader
         self.source = source or (SourceMeta.of(reader) if reader else None)
+        #: where passthrough tensors are read from on export: the HF checkpoint, or their copy
+        #: beside a Megatron checkpoint.
+        self.passthrough_reader = reader
+        #: tensors and params ``--allow-unmapped`` left out at the last bind (rank 0), to report.
+        self.waived: list[str] = []
 
     @classmethod
     def from_hf_pretrained(cls, path: str | Path, *, plugin: str | None = None, plugins: Plugins | None = None,
@@ -104,6 +124,7 @@ class AutoBridge:
         config = plugins.call_owned("provider_config", owner, hf_config=hf_config)
         if config is None:
             raise BridgeError(f"{where}: plugin {owner.name} declined this config")
+        _check_sizes(config, f"{where} (via plugin {owner.name})")
         config.hf_config = hf_config
         if params_dtype is not None:
             config = dataclasses.replace(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
@@ -114,7 +135,7 @@ class AutoBridge:
     def from_megatron_checkpoint(cls, ckpt_dir: str | Path, *, plugin: str | None = None,
                                  plugins: Plugins | None = None) -> AutoBridge:
         """The bridge of a checkpoint written by :meth:`save_megatron` (``bridgecore import``)."""
-        from bridgecore.megatron.checkpoint import SIDE, read_meta
+        from bridgecore.megatron.checkpoint import PASSTHROUGH, SIDE, read_meta
 
         ckpt_dir = Path(ckpt_dir)
         meta = read_meta(ckpt_dir)
@@ -124,6 +145,8 @@ class AutoBridge:
         )
         side = ckpt_dir / SIDE
         bridge.hf_dir = side if side.is_dir() else None
+        if (ckpt_dir / PASSTHROUGH).is_dir():
+            bridge.passthrough_reader = CheckpointReader(ckpt_dir / PASSTHROUGH)
         return bridge
 
     # -- configuration and tables -------------------------------------------------------------
@@ -133,6 +156,21 @@ class AutoBridge:
     @property
     def hf_keys(self) -> frozenset[str]:
         return frozenset(self.source.tensors) if self.source else frozenset()
+
+    @property
+    def passthrough(self) -> list[str]:
+        """HF tensors the plugin keeps verbatim (see the ``passthrough`` hook), in source order."""
+        if not self.source or "passthrough" not in self.plugin.hooks:
+            return []
+        globs = self.plugins.call_owned("passthrough", self.plugin, config=self.config, hf_keys=self.hf_keys) or []
+        return [k for k in self.source.tensors if any(fnmatch.fnmatchcase(k, g) for g in globs)]
+
+    def _copy_passthrough(self, writer: ShardedWriter) -> None:
+        names = self.passthrough
+        if names and self.passthrough_reader is None:
+            raise BridgeError(f"{len(names)} passthrough tensors (e.g. {names[0]}) have no copy to export from")
+        for name in names:
+            writer.write(name, self.passthrough_reader.read(name, ()))
 
     def mapping_table(self) -> MappingTable:
         weights = self.plugins.call_owned("mappings", self.plugin, config=self.config, hf_keys=self.hf_keys)
@@ -148,31 +186,38 @@ class AutoBridge:
 
         ``meta=True`` builds without memory (shapes only) and never loads.
         """
+        parallel.check_divisible(self.config, layout)
         parallel.init_model_parallel(layout)
+        model = parallel.collective(self.build_chunks, layout, meta)
+        if load_weights and not meta:
+            self.load_hf_weights(model, allow_unmapped=allow_unmapped)
+        return model
+
+    def build_chunks(self, layout: parallel.Layout, meta: bool = False) -> Model:
+        """This rank's model chunks for ``layout`` in megatron-core's current parallel state, unloaded."""
         self.config = dataclasses.replace(
             self.config, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
             expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
             virtual_pipeline_model_parallel_size=layout.vpp, pipeline_dtype=self.config.params_dtype,
         )
         spec = lambda vp_stage: self.plugins.call_owned("layer_spec", self.plugin, config=self.config, vp_stage=vp_stage)  # noqa: E731
-        model = parallel.collective(build_chunks, self.config, spec, meta)
+        model = build_chunks(self.config, spec, meta)
         table = self.mapping_table()
         for chunk in model:
             self.plugins.call_all("prepare_model", model=chunk, config=self.config, hf_keys=self.hf_keys,
                                   table=table, source=self.reader or self.source)
-        if load_weights and not meta:
-            self.load_hf_weights(model, allow_unmapped=allow_unmapped)
         return model
 
     def bind(self, model: Model, hf_keys: frozenset[str] | None, allow_unmapped: Sequence[str] = ()) -> list[tuple[LocalTensor, Binding]]:
         """This rank's tensors with their mappings; coverage is checked over all ranks together."""
         table = self.mapping_table()
-        tensors = [t for t in local_tensors(model, self.config) if not self._tied_output(t)]
+        tensors = [t for t in local_tensors(model, self.config) if not self.embedding_copy(t)]
 
         def cover() -> None:
             names = sorted({n for names in parallel.all_gather_objects([t.name for t in tensors]) for n in names})
             if parallel.rank() == 0:
-                table.cover(names, hf_keys, allow_unmapped)
+                coverage = table.cover(names, hf_keys, [*allow_unmapped, *(hf_keys and self.passthrough or [])])
+                self.waived = sorted(coverage.waived_hf + coverage.waived_megatron)
 
         parallel.collective(cover)
         bound = []
@@ -188,9 +233,17 @@ class AutoBridge:
             bound.append((t, binding))
         return bound
 
-    def _tied_output(self, t: LocalTensor) -> bool:
-        # With tied embeddings the last stage keeps a copy of the embedding as output_layer.weight.
-        return self.config.share_embeddings_and_output_weights and t.name.endswith("output_layer.weight")
+    def embedding_copy(self, t: LocalTensor) -> bool:
+        """Whether ``t`` copies the first stage's embedding, so nothing maps it and nobody writes it.
+
+        With tied embeddings the last stage keeps one as ``output_layer.weight``; with MTP on a
+        later pipeline stage, that stage keeps one as ``embedding.word_embeddings.weight``.
+        """
+        from megatron.core import parallel_state as ps
+
+        if self.config.share_embeddings_and_output_weights and t.name.endswith("output_layer.weight"):
+            return True
+        return t.name == "embedding.word_embeddings.weight" and not ps.is_pipeline_first_stage(ignore_virtual=True)
 
     def load_hf_weights(self, model: Model, allow_unmapped: Sequence[str] = ()) -> None:
         """Copy the HF weights into ``model``, every tensor read only for the slices this rank holds."""
@@ -200,14 +253,26 @@ class AutoBridge:
 
         def load() -> None:
             for t, b in tqdm(bound, desc="import", unit="tensor", disable=parallel.rank() != 0, leave=False):
-                value = b.mapping.to_megatron(self.reader, b.capture_dict, t.shard)
+                sources = ", ".join(b.hf)
+                try:
+                    value = b.mapping.to_megatron(self.reader, b.capture_dict, t.shard)
+                except BridgeError as err:
+                    # Mapping errors name the pattern; the user needs the concrete tensors.
+                    raise BridgeError(f"{t.name} <- {sources}: {err}") from None
                 if tuple(value.shape) != tuple(t.tensor.shape):
                     raise BridgeError(
-                        f"{t.name}: {b.mapping!r} made shape {list(value.shape)} from {', '.join(b.hf)},"
+                        f"{t.name}: {b.mapping!r} made shape {list(value.shape)} from {sources},"
                         f" but the Megatron tensor has {list(t.tensor.shape)}"
                     )
+                if value.is_floating_point() != t.tensor.is_floating_point():
+                    # An integer tensor can cast exactly to a float param, yet it is never a weight.
+                    raise BridgeError(
+                        f"{sources}: dtype {value.dtype} in the checkpoint, expected a"
+                        f" {'floating-point' if t.tensor.is_floating_point() else 'integer'} tensor for {t.name}"
+                        f" ({t.tensor.dtype})"
+                    )
                 with torch.no_grad():
-                    t.tensor.copy_(exact_cast(value, t.tensor.dtype, t.name))
+                    t.tensor.copy_(exact_cast(value, t.tensor.dtype, f"{t.name} <- {sources}"))
 
         parallel.collective(load)
 
@@ -216,15 +281,28 @@ class AutoBridge:
         """Save ``model`` as a torch_dist checkpoint Megatron-LM can ``--load`` (all ranks call)."""
         from bridgecore.megatron.checkpoint import save_dist
 
-        meta = {
+        save_dist(model, Path(out_dir), self.megatron_meta(), self.hf_dir, overwrite, extra=self._keep_passthrough)
+        return Path(out_dir)
+
+    def _keep_passthrough(self, ckpt_dir: Path) -> None:
+        from bridgecore.megatron.checkpoint import PASSTHROUGH
+
+        names = self.passthrough
+        if names:
+            writer = ShardedWriter(ckpt_dir / PASSTHROUGH, [(n, self.source.shape(n), self.source.dtype(n)) for n in names])
+            writer.create()
+            self._copy_passthrough(writer)
+            writer.commit([writer.written()])
+
+    def megatron_meta(self) -> dict[str, Any]:
+        """What a Megatron checkpoint keeps beside its weights so that export needs nothing else."""
+        return {
             "bridgecore": __version__,
             "plugin": self.plugin.name,
             "params_dtype": str(self.config.params_dtype).removeprefix("torch."),
             "hf_config": self.hf_config,
             "source": self.source.to_json() if self.source else [],
         }
-        save_dist(model, Path(out_dir), meta, self.hf_dir, overwrite)
-        return Path(out_dir)
 
     def load_megatron(self, model: Model, ckpt_dir: str | Path) -> None:
         from bridgecore.megatron.checkpoint import load_dist
@@ -258,6 +336,8 @@ class AutoBridge:
             for name, entry in part.items():
                 if merged.setdefault(name, entry) != entry:
                     raise BridgeError(f"{name}: ranks disagree on its shape/dtype: {merged[name]} vs {entry}")
+        for name in self.passthrough:
+            merged[name] = (self.source.shape(name), self.source.dtype(name))
         order = [k for k in (self.source.tensors if self.source else []) if k in merged]
         order += sorted(set(merged) - set(order))
         return [(name, *merged[name]) for name in order]
@@ -280,6 +360,8 @@ class AutoBridge:
                 filled[piece.name] = filled.get(piece.name, 0) + 1
                 if filled[piece.name] == piece.num_experts:
                     yield piece.name, pending.pop(piece.name)
+        for name in self.passthrough:
+            yield name, self.passthrough_reader.read(name, ())
 
     def save_hf_pretrained(self, model: Model, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
                            overwrite: bool = False) -> Path:
@@ -304,6 +386,8 @@ class AutoBridge:
                     if t.writer:
                         for p in pieces:
                             writer.write(p.name, p.tensor, expert=p.expert)
+                if parallel.rank() == 0:
+                    self._copy_passthrough(writer)
 
             parallel.collective(write)
             written = parallel.all_gather_objects(writer.written())

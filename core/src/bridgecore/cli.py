@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bridgecore import __version__
 from bridgecore.errors import BridgeError
+
+if TYPE_CHECKING:
+    from bridgecore.bridge import AutoBridge
+    from bridgecore.plugins import PluginInfo
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -25,6 +32,7 @@ EPILOG = """examples:
   bridgecore import ./hf ./megatron --tp 2          HF -> torch_dist (Megatron-LM --load)
   torchrun --nproc-per-node 4 -m bridgecore import ./hf ./megatron --tp 2 --ep 2
   bridgecore export ./megatron ./hf-out             torch_dist -> HF (any saved layout)
+  bridgecore import ./hf ./megatron --offline --tp 8 --ep 8   no model in memory, one tensor at a time
   bridgecore roundtrip ./hf --tp 2                  HF -> Megatron -> HF, bit-exact check
   bridgecore verify ./hf                            Megatron logits vs the transformers reference
 """
@@ -68,6 +76,12 @@ def _bridge(args: argparse.Namespace):
     return AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype)
 
 
+def _report_waived(bridge: AutoBridge) -> None:
+    if bridge.waived:
+        shown = ", ".join(bridge.waived[:8]) + (f" and {len(bridge.waived) - 8} more" if len(bridge.waived) > 8 else "")
+        say(f"--allow-unmapped: left {len(bridge.waived)} unmapped: {shown}")
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from bridgecore.plugins import installed
 
@@ -100,6 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {f:40s} {getattr(c, f, None)}")
     model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True)
     bound = bridge.bind(model, bridge.hf_keys, args.allow_unmapped)
+    _report_waived(bridge)
     print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors")
     for t, b in bound:
         print(f"{t.name:70s} {type(b.mapping).__name__:16s} {', '.join(b.hf)}")
@@ -111,7 +126,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     bridge = _bridge(args)
     start = time.perf_counter()
+    if args.offline:
+        from bridgecore.offline import stream_to_megatron
+
+        stream_to_megatron(bridge, args.megatron_dir, _layout(args), allow_unmapped=args.allow_unmapped,
+                           overwrite=args.overwrite, threads=args.threads)
+        say(f"imported {args.hf_dir} -> {args.megatron_dir} offline ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
+        return 0
     model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
+    _report_waived(bridge)
     bridge.save_megatron(model, Path(args.megatron_dir), overwrite=args.overwrite)
     say(f"imported {args.hf_dir} -> {args.megatron_dir} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
     return 0
@@ -121,6 +144,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
 
     start = time.perf_counter()
+    if args.offline:
+        if args.quant:
+            raise BridgeError("--offline writes the checkpoint's own dtypes; --quant needs the in-memory export")
+        from bridgecore.offline import stream_to_hf
+
+        stream_to_hf(args.megatron_dir, args.hf_dir, plugin=args.plugin, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite)
+        say(f"exported {args.megatron_dir} -> {args.hf_dir} offline in {time.perf_counter() - start:.1f}s")
+        return 0
     bridge = AutoBridge.from_megatron_checkpoint(args.megatron_dir, plugin=args.plugin)
     model = bridge.to_megatron_model(_layout(args), load_weights=False)
     bridge.load_megatron(model, Path(args.megatron_dir))
@@ -129,10 +161,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
         if args.quant not in formats:
             raise BridgeError(f"--quant {args.quant}: no installed plugin offers it; pip install bridgecore-quant")
-        staging = Path(tempfile.mkdtemp(prefix=".bridgecore-", dir=target.parent)) / "calibrated"
-        bridge.save_hf_pretrained(model, staging, max_shard_size=args.max_shard_size)
-        if _rank() == 0:
-            formats[args.quant](staging, target, args.overwrite)
+        from bridgecore.megatron import parallel
+
+        # The calibrated export is staged beside the target (same filesystem), on rank 0's choice.
+        made = tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent) if _rank() == 0 else None
+        staging = Path(parallel.broadcast_object(made))
+        try:
+            bridge.save_hf_pretrained(model, staging / "calibrated", max_shard_size=args.max_shard_size)
+            if _rank() == 0:
+                formats[args.quant](staging / "calibrated", target, args.overwrite, max_shard_size=args.max_shard_size)
+        finally:
+            if _rank() == 0:
+                shutil.rmtree(staging, ignore_errors=True)
     else:
         bridge.save_hf_pretrained(model, target, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     say(f"exported {args.megatron_dir} -> {target} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
@@ -145,6 +185,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 
     bridge = _bridge(args)
     model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
+    _report_waived(bridge)
     work = Path(parallel.broadcast_object(tempfile.mkdtemp(prefix="bridgecore-roundtrip-") if parallel.rank() == 0 else None))
     out = Path(args.keep) if args.keep else work / "hf"
     bridge.save_hf_pretrained(model, out, max_shard_size=args.max_shard_size, overwrite=bool(args.keep) and args.overwrite)
@@ -190,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"bridgecore {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="installed plugins, versions, claimed architectures, hooks")
@@ -207,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("megatron_dir", type=Path)
     _source_args(p)
     _layout_args(p)
+    p.add_argument("--offline", action="store_true",
+                   help="one process, no model: stream each tensor into torch_dist chunked for the layout")
+    p.add_argument("--threads", type=int, default=1, help="with --offline, writer threads (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_import)
 
@@ -218,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     _layout_args(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--quant", help="also quantize: fp8 or nvfp4 (needs bridgecore-quant)")
+    p.add_argument("--offline", action="store_true",
+                   help="one process, no model: read each param's chunks and stream it to HF (layout flags unused)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_export)
 
@@ -244,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="keep the generated checkpoints here (default: a temporary directory)")
     p.add_argument("--only", action="append", metavar="NAME", help="run only these tiny models (repeatable)")
     p.set_defaults(fn=cmd_demo)
+    for command in sub.choices.values():
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of any error")
     return parser
 
 
@@ -254,5 +303,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(args)
     except BridgeError as exc:
+        if args.traceback:
+            raise
         print(f"bridgecore: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        culprit = None if args.traceback else _plugin_frame(exc)
+        if culprit is None:  # a bug in the core stays a full traceback
+            raise
+        info, where = culprit
+        message = " ".join(str(exc).split())[:300]
+        print(f"bridgecore: error: plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
+              f" {type(exc).__name__}: {message}; rerun with --traceback for details", file=sys.stderr)
+        return 2
+
+
+def _plugin_frame(exc: BaseException) -> tuple[PluginInfo, str] | None:
+    """The installed plugin whose code raised `exc` (the innermost plugin frame), and file:line, or None."""
+    from bridgecore.plugins import installed
+
+    packages = {getattr(i.module, "__name__", type(i.module).__module__).split(".")[0]: i for i in installed().infos.values()}
+    found = None
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        package = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        if package in packages:
+            found = (packages[package], f"{Path(frame.f_code.co_filename).name}:{line}")
+    return found

@@ -81,6 +81,16 @@ def mappings(config: ModelConfig, hf_keys: frozenset[str]) -> list[Mapping] | No
     """
 
 
+@hookspec(firstresult=True)
+def passthrough(config: ModelConfig, hf_keys: frozenset[str]) -> list[str] | None:
+    """Globs of HF tensors the plugin does not convert but that belong in every export, verbatim.
+
+    For parts of a checkpoint the Megatron model does not hold (a vision tower beside the language
+    model this plugin converts). They are left out of strict coverage, kept beside a Megatron
+    checkpoint (``passthrough/``) and copied unchanged into every HF export. ``firstresult``.
+    """
+
+
 @hookspec
 def quant_mappings(config: ModelConfig, mappings: list[Mapping]) -> list[Mapping]:
     """Extra mappings derived from the weight ``mappings`` (quantizer amax, scales).
@@ -124,6 +134,7 @@ def prepare_model(model: Any, config: ModelConfig, hf_keys: frozenset[str], tabl
 def export_formats() -> dict[str, Any]:
     """Extra output formats for ``bridgecore export --quant FORMAT``.
 
-    Map a format name (``fp8``, ``nvfp4``) to ``fn(src_dir, out_dir, overwrite) -> None`` that turns
-    an exported HF checkpoint into that format, streaming tensor by tensor. All plugins are asked.
+    Map a format name (``fp8``, ``nvfp4``) to ``fn(src_dir, out_dir, overwrite, max_shard_size=...)``
+    that turns an exported HF checkpoint into that format, streaming tensor by tensor, and writes
+    ``out_dir`` atomically. All plugins are asked.
     """

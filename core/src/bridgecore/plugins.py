@@ -36,13 +36,7 @@ class PluginInfo:
     module: Any
     architectures: list[str] = field(default_factory=list)
 
-    @property
-    def hooks(self) -> list[str]:
-        return sorted(n for n in dir(hookspecs) if callable(getattr(self.module, n, None)) and _is_hook(n))
-
-
-def _is_hook(name: str) -> bool:
-    return hasattr(getattr(hookspecs, name, None), "bridgecore_spec")
+    hooks: list[str] = field(default_factory=list)
 
 
 class Plugins:
@@ -73,8 +67,11 @@ class Plugins:
 
     def register(self, module: Any, name: str, distribution: str | None = None, version: str = "?") -> None:
         self.pm.register(module, name=name)
-        claimed = module.architectures() if hasattr(module, "architectures") else []
-        self.infos[name] = PluginInfo(name, distribution or name, version, module, list(claimed or []))
+        hooks = sorted(h.name for h in self.pm.get_hookcallers(self.pm.get_plugin(name)) or [])
+        info = PluginInfo(name, distribution or name, version, module, hooks=hooks)
+        if "architectures" in hooks:
+            info.architectures = list(self.call_owned("architectures", info) or [])
+        self.infos[name] = info
 
     def owners(self, architecture: str) -> list[PluginInfo]:
         return [info for info in self.infos.values() if architecture in info.architectures]
@@ -107,12 +104,12 @@ class Plugins:
         return ", ".join(parts) or "none"
 
     def call_owned(self, hook: str, owner: PluginInfo, **kwargs: Any) -> Any:
-        """Call a firstresult hook on the owning plugin alone."""
-        impl = getattr(owner.module, hook, None)
-        if impl is None:
+        """Call a firstresult hook on the owning plugin alone, through pluggy's registered impl."""
+        impls = [i for i in getattr(self.pm.hook, hook).get_hookimpls() if i.plugin_name == owner.name]
+        if not impls:
             raise BridgeError(f"plugin {owner.name} does not implement the {hook} hook")
-        params = impl.__code__.co_varnames[: impl.__code__.co_argcount]
-        return impl(**{k: v for k, v in kwargs.items() if k in params})
+        impl = impls[0]
+        return impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
 
     def call_all(self, hook: str, **kwargs: Any) -> list[Any]:
         return getattr(self.pm.hook, hook)(**kwargs)

@@ -15,7 +15,8 @@ import re
 import secrets
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +111,14 @@ class ShardedWriter:
 
     def create(self) -> Path:
         """Make the temporary directory with every shard's header written and its size reserved."""
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.temp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(4)}"
-        self.temp_dir.mkdir()
-        for shard in self.shards:
-            with open(self.temp_dir / shard.file, "wb") as file:
-                file.write(shard.header)
-                file.truncate(shard.size)
+        with _disk_errors(self.out_dir, self.out_dir.parent):
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.temp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(4)}"
+            self.temp_dir.mkdir()
+            for shard in self.shards:
+                with open(self.temp_dir / shard.file, "wb") as file:
+                    file.write(shard.header)
+                    file.truncate(shard.size)
         return self.temp_dir
 
     def write(self, name: str, tensor: torch.Tensor, expert: int | None = None) -> None:
@@ -129,7 +131,9 @@ class ShardedWriter:
                 f" expected {placement.dtype} {list(shape)} as planned"
             )
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        _pwrite_all(self._fd(placement.file), memoryview(data.numpy()), offset)
+        # The shard files are sparse until written, so a full disk shows up here, not in `create`.
+        with _disk_errors(self.out_dir, self._require_temp_dir() / placement.file):
+            _pwrite_all(self._fd(placement.file), memoryview(data.numpy()), offset)
         self._written.append((name, expert))
 
     def written(self) -> Written:
@@ -144,13 +148,14 @@ class ShardedWriter:
         check_target(self.out_dir, overwrite)
         self._check_coverage([item for written in written_by_all for item in written])
         self._close_files()
-        for shard in self.shards:
-            _sync_file(temp_dir / shard.file, shard.size)
-        if len(self.shards) > 1:
-            _write_index(temp_dir / INDEX_FILE, self.placements)
-        if side_files_from is not None:
-            copy_side_files(Path(side_files_from), temp_dir)
-        _fsync_dir(temp_dir)
+        with _disk_errors(self.out_dir, temp_dir):
+            for shard in self.shards:
+                _sync_file(temp_dir / shard.file, shard.size)
+            if len(self.shards) > 1:
+                _write_index(temp_dir / INDEX_FILE, self.placements)
+            if side_files_from is not None:
+                copy_side_files(Path(side_files_from), temp_dir)
+            _fsync_dir(temp_dir)
         _replace(temp_dir, self.out_dir)
         self.temp_dir = None
 
@@ -240,6 +245,17 @@ def _layout(plan: Sequence[PlanEntry], max_shard_size: int) -> tuple[list[Shard]
     # The index lists tensors in plan order, whatever order the files hold them in.
     ordered = {name: placements[name] for name, _, _ in plan}
     return shards, ordered
+
+
+@contextmanager
+def _disk_errors(out_dir: Path, where: Path) -> Iterator[None]:
+    """OS errors (a full disk, no permission) as one line that says the output was not touched."""
+    try:
+        yield
+    except OSError as err:
+        raise BridgeError(
+            f"{err.filename or where}: {err.strerror or err} while writing {out_dir}; the output path was left as it was"
+        ) from None
 
 
 def _label(item: tuple[str, int | None]) -> str:

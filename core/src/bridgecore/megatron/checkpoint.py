@@ -12,7 +12,9 @@ only when complete.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -30,6 +32,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 META = "bridgecore.json"
 SIDE = "hf"
+PASSTHROUGH = "passthrough"
 
 
 def _state_key(index: int, chunks: list[torch.nn.Module]) -> str:
@@ -37,10 +40,21 @@ def _state_key(index: int, chunks: list[torch.nn.Module]) -> str:
     return "model" if len(chunks) == 1 else f"model{index}"
 
 
+def sharded_state_dict(chunk: torch.nn.Module) -> dict[str, Any]:
+    """The chunk's sharded state dict; megatron-core needs the DP group named when MTP sits on a
+    later pipeline stage than the embedding (it ties the stage's embedding copy over it)."""
+    from megatron.core import parallel_state as ps
+
+    return chunk.sharded_state_dict(metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)})
+
+
 def save_dist(chunks: list[torch.nn.Module], out_dir: Path, meta: dict[str, Any], side_files_from: Path | None,
-              overwrite: bool = False) -> None:
-    """Save this rank's chunks into ``out_dir`` with every other rank (a collective)."""
+              overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> None:
+    """Save this rank's chunks into ``out_dir`` with every other rank (a collective).
+
+    ``extra(temp_dir)`` runs on rank 0 before the directory is moved into place, to add files."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     parallel.collective(check_target, out_dir, overwrite)
     temp = Path(parallel.broadcast_object(str(out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")))
@@ -53,30 +67,45 @@ def save_dist(chunks: list[torch.nn.Module], out_dir: Path, meta: dict[str, Any]
         state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
         with cpu_compat():
             for i, chunk in enumerate(chunks):
-                state[_state_key(i, chunks)] = chunk.sharded_state_dict()
+                state[_state_key(i, chunks)] = sharded_state_dict(chunk)
             parallel.collective(dist_checkpointing.save, state, str(temp / RELEASE))
 
         def finish() -> None:
-            if parallel.rank() != 0:
-                return
-            (temp / TRACKER).write_text(RELEASE)
-            (temp / META).write_text(json.dumps(meta, indent=1) + "\n")
-            if side_files_from is not None:
-                (temp / SIDE).mkdir()
-                copy_side_files(side_files_from, temp / SIDE)
-            if out_dir.exists():
-                aside = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(out_dir, aside)
-                os.replace(temp, out_dir)
-                shutil.rmtree(aside)
-            else:
-                os.replace(temp, out_dir)
+            if parallel.rank() == 0:
+                if extra is not None:
+                    extra(temp)
+                publish(temp, out_dir, meta, side_files_from)
 
         parallel.collective(finish)
-    except BaseException:
+    except BaseException as exc:
         if parallel.rank() == 0:
             shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(exc, (OSError, CheckpointException)):
+            # A full disk surfaces from megatron-core's writer threads as a multi-line report.
+            cause = str(exc).strip().splitlines()[-1]
+            free = shutil.disk_usage(out_dir.parent).free
+            raise BridgeError(
+                f"{out_dir}: writing the torch_dist checkpoint failed ({cause}; {free} bytes free on that disk);"
+                " the output path was left as it was"
+            ) from exc
         raise
+
+
+def publish(temp: Path, out_dir: Path, meta: dict[str, Any], side_files_from: Path | None) -> None:
+    """Add the tracker, the bridgecore record and the side files to ``temp`` (whose ``release/``
+    holds the torch_dist files) and move it to ``out_dir``, replacing what was there."""
+    (temp / TRACKER).write_text(RELEASE)
+    (temp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    if side_files_from is not None:
+        (temp / SIDE).mkdir()
+        copy_side_files(side_files_from, temp / SIDE)
+    if out_dir.exists():
+        aside = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, aside)
+        os.replace(temp, out_dir)
+        shutil.rmtree(aside)
+    else:
+        os.replace(temp, out_dir)
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
@@ -93,11 +122,50 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
         raise BridgeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
+#: torch.distributed.checkpoint reads ``.metadata`` with plain ``pickle.load``; these are the only
+#: globals a genuine one refers to (besides torch dtypes), so anything else is refused unread.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if module.startswith("torch") else None
+        allowed = (module, name) in _METADATA_GLOBALS or isinstance(found, torch.dtype) and module == "torch"
+        if not allowed and not (module in _METADATA_MODULES and isinstance(found, type)):
+            raise pickle.UnpicklingError(f"refers to {module}.{name}")
+        return found
+
+
+def check_pickles(release: Path) -> None:
+    """Refuse a torch_dist checkpoint whose pickles could run code, before megatron-core unpickles them.
+
+    ``.metadata`` is unpickled with an allowlist of its own classes; ``common.pt`` with torch's
+    ``weights_only`` loader (megatron-core registers its few classes there), whatever
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
+    """
+    metadata, common = release / ".metadata", release / "common.pt"
+    try:
+        with open(metadata, "rb") as file:
+            _MetadataUnpickler(file).load()
+        if common.exists():
+            torch.load(common, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise BridgeError(f"{err.filename}: missing; expected a complete torch_dist checkpoint") from None
+    except Exception as err:  # noqa: BLE001 - any failure to read safely is the same refusal
+        raise BridgeError(
+            f"{release}: a pickle in the torch_dist checkpoint is not plain data"
+            f" ({' '.join(str(err).split())[:200]}); refusing to load it because unpickling could run code"
+        ) from None
+
+
 def load_dist(chunks: list[torch.nn.Module], ckpt_dir: Path) -> None:
     """Load a torch_dist checkpoint into this rank's chunks, whatever layout it was saved with."""
     from megatron.core import dist_checkpointing
 
-    state = {_state_key(i, chunks): chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    parallel.collective(check_pickles, ckpt_dir / RELEASE)
+    state = {_state_key(i, chunks): sharded_state_dict(chunk) for i, chunk in enumerate(chunks)}
     with cpu_compat():
         loaded = parallel.collective(dist_checkpointing.load, state, str(ckpt_dir / RELEASE))
 

@@ -64,7 +64,9 @@ class ModelConfig(TransformerConfig):
         )
 
     def forward_logits(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, seq, vocab] for a single-stage model; multimodal families override."""
+        """Full-vocab logits [batch, seq, vocab] of a single-stage model (gathered over TP).
+
+        Multimodal families override this."""
         batch, seq = input_ids.shape
         position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
         mask = torch.ones(seq, seq, dtype=torch.bool).triu(1).view(1, 1, seq, seq)
@@ -72,6 +74,17 @@ class ModelConfig(TransformerConfig):
         mtp = (getattr(model, "mtp_process", False), model.config.mtp_num_layers)
         model.mtp_process, model.config.mtp_num_layers = False, None
         try:
-            return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
+            logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
         finally:
             model.mtp_process, model.config.mtp_num_layers = mtp
+        return gather_vocab(logits)
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """The output layer leaves each TP rank its vocab slice; put the slices side by side."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return logits
+    return gather_from_tensor_model_parallel_region(logits)

@@ -27,6 +27,27 @@ class Layout:
         return f"TP={self.tp} PP={self.pp} EP={self.ep} ETP={self.etp}{vpp}"
 
 
+#: the config values each parallel size must divide: a split that is not even cannot be exact.
+_SPLIT_BY = {
+    "tp": ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"),
+    "ep": ("num_moe_experts",),
+    "etp": ("moe_ffn_hidden_size",),
+}
+
+
+def check_divisible(config: Any, layout: Layout) -> None:
+    """Refuse a layout that does not split the model evenly, before any process group or tensor exists."""
+    for flag, fields in _SPLIT_BY.items():
+        size = getattr(layout, flag)
+        for name in fields:
+            value = getattr(config, name, None)
+            if size > 1 and isinstance(value, int) and value % size:
+                values = ", ".join(f"{f} {getattr(config, f)}" for f in fields if getattr(config, f, None) is not None)
+                raise BridgeError(
+                    f"--{flag} {size}: {name} {value} does not divide by {size}; expected a --{flag} that divides {values}"
+                )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -55,16 +55,21 @@ def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor,
     for mod_name, mod in module.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         for name, param in mod.named_parameters(recurse=False):
-            if isinstance(mod, (ColumnParallelLinear, VocabParallelEmbedding)):
+            if isinstance(mod, (ColumnParallelLinear, VocabParallelEmbedding)) and name in ("weight", "bias"):
                 dim = 0
-            elif isinstance(mod, RowParallelLinear):
+            elif isinstance(mod, RowParallelLinear) and name in ("weight", "bias"):
                 dim = 1 if name == "weight" else None
             else:
-                dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
+                dim = _declared_dim(param)
             yield prefix + name, param, dim
         for name, buf in mod.named_buffers(recurse=False):
             if buf is not None and name not in mod._non_persistent_buffers_set:
-                yield prefix + name, buf, None
+                yield prefix + name, buf, _declared_dim(buf)
+
+
+def _declared_dim(tensor: torch.Tensor) -> int | None:
+    """The split a module declared itself with megatron's attributes (e.g. per-channel quantizer state)."""
+    return getattr(tensor, "partition_dim", None) if getattr(tensor, "tensor_model_parallel", False) else None
 
 
 def local_tensors(chunks: list[torch.nn.Module], config: Any) -> list[LocalTensor]:
