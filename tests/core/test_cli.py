@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bridgecore.compare import compare_checkpoints
-from conftest import run_cli
+from cli_runner import run_cli
 
 PLUGINS = "llama_example"
 COMMANDS = ["plugins", "inspect", "import", "export", "roundtrip", "verify", "demo"]

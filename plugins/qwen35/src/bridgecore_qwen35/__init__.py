@@ -8,7 +8,7 @@ from bridgecore.hookspecs import hookimpl
 
 # Imported before the hooks are defined: importing the submodule `mappings` later would rebind the
 # package attribute `mappings` (the hook) to the module.
-from bridgecore_qwen35.mappings import qwen35_mappings
+from bridgecore_qwen35.mappings import VISION_TENSORS, qwen35_mappings
 from bridgecore_qwen35.provider import ARCHITECTURES, Qwen35Config, qwen35_config
 from bridgecore_qwen35.spec import qwen35_layer_spec
 from bridgecore_qwen35.tiny import TINY_MODELS
@@ -39,6 +39,12 @@ def layer_spec(config: Any, vp_stage: int | None) -> Any:
 @hookimpl
 def mappings(config: Any, hf_keys: frozenset[str]) -> list[Any] | None:
     return qwen35_mappings(config, hf_keys) if isinstance(config, Qwen35Config) else None
+
+
+@hookimpl
+def passthrough(config: Any, hf_keys: frozenset[str]) -> list[str] | None:
+    # The vision tower of a VL checkpoint is not converted; the core keeps it verbatim instead.
+    return [VISION_TENSORS] if isinstance(config, Qwen35Config) else None
 
 
 @hookimpl

@@ -3,7 +3,6 @@ and the Megatron logits at every layout against transformers' reference model.""
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import subprocess
 import sys
@@ -11,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bridgecore_qwen35.mappings import VISION_TENSORS
 from bridgecore_qwen35.reference import reference_model
-from conftest import VARIANTS, read_tensors
-from roundtrip_worker import layouts, parity_tokens
+from qwen35_testing import VARIANTS, read_tensors
+from qwen35_roundtrip_worker import layouts, parity_tokens
 
 #: fp32 logits (|logits| up to ~4) of two implementations of the same math: transformers' and
 #: megatron-core's chunked delta rule, eager vs. Megatron attention, HF vs. Megatron MoE routing.
@@ -28,7 +26,7 @@ NATIVE = [(v, *layouts(v)[-1], "-native") for v in VARIANTS]
 @pytest.fixture(scope="module")
 def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("qwen35-out")
-    worker = Path(__file__).with_name("roundtrip_worker.py")
+    worker = Path(__file__).with_name("qwen35_roundtrip_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            str(worker), str(out), *(str(p) for p in checkpoints.values())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -51,9 +49,9 @@ def test_roundtrip_is_bit_exact(converted: Path, checkpoints: dict[str, Path], v
                                 params: str) -> None:
     source = read_tensors(checkpoints[variant])
     exported = read_tensors(converted / f"{variant}-tp{tp}-ep{ep}{params}")
-    expected = {k for k in source if not fnmatch.fnmatchcase(k, VISION_TENSORS)}
-    assert set(exported) == expected
-    for name in sorted(expected):
+    # Every tensor comes back, the VL vision tower too (kept verbatim as passthrough).
+    assert set(exported) == set(source)
+    for name in sorted(source):
         assert exported[name].dtype == source[name].dtype, name
         assert torch.equal(exported[name], source[name]), name
 

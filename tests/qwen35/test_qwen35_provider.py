@@ -9,7 +9,7 @@ import pytest
 import torch
 from bridgecore.errors import BridgeError
 from bridgecore_qwen35 import tiny
-from conftest import read_config
+from qwen35_testing import read_config
 
 
 def _config(tmp_path, write) -> dict:

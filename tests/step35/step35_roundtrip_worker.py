@@ -1,7 +1,7 @@
 """One conversion of the tiny checkpoint at a TP/EP layout: logits vs the HF reference, then HF export.
 
 Run in-process (world size 1) through `run`, or under `torchrun --nproc-per-node N` as a script:
-`python roundtrip_worker.py SRC OUT TP EP`. Rank 0 writes `OUT/result.json` with the max abs logit
+`python step35_roundtrip_worker.py SRC OUT TP EP`. Rank 0 writes `OUT/result.json` with the max abs logit
 difference and the tensors whose exported bytes differ from the source.
 """
 
@@ -23,24 +23,12 @@ from step35_testing import read_tensors
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-def _full_vocab(logits: torch.Tensor) -> torch.Tensor:
-    """GPTModel's logits are split over TP along the vocab; gather them."""
-    from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
-
-
 def run(src: Path, out: Path, tp: int, ep: int) -> dict:
     # fp32 params: the bf16 checkpoint converts exactly both ways, and logits compare in fp32.
     bridge = AutoBridge.from_hf_pretrained(src, params_dtype=torch.float32)
     model = bridge.to_megatron_model(parallel.Layout(tp=tp, ep=ep))
     with cpu_compat(), torch.no_grad():
-        logits = _full_vocab(bridge.config.forward_logits(model[0], TOKENS))
+        logits = bridge.config.forward_logits(model[0], TOKENS)
     export = out / "hf"
     bridge.save_hf_pretrained(model, export, overwrite=True)
     result: dict = {}

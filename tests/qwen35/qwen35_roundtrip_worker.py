@@ -1,6 +1,6 @@
 """Run under torchrun (gloo, CPU): convert each tiny checkpoint HF -> Megatron -> HF at several layouts.
 
-Usage: torchrun --nproc-per-node 2 roundtrip_worker.py OUT_DIR SRC_DIR [SRC_DIR ...]
+Usage: torchrun --nproc-per-node 2 qwen35_roundtrip_worker.py OUT_DIR SRC_DIR [SRC_DIR ...]
 Every layout converts with fp32 params (bf16 -> fp32 -> bf16 is exact) and rank 0 saves the logits of
 fixed tokens, gathered over TP; one run per source also keeps the checkpoint's own dtype (bf16 params,
 GDN decay and norm in fp32). Each export goes to OUT_DIR/<source name>-tp<T>-ep<E>[-native].
@@ -17,7 +17,6 @@ import torch.distributed as dist
 from bridgecore.bridge import AutoBridge
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout
-from bridgecore_qwen35.mappings import VISION_TENSORS
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
@@ -31,24 +30,17 @@ def parity_tokens() -> torch.Tensor:
     return torch.arange(2 * 70).reshape(2, 70) * 7 % 124
 
 
-def gathered_logits(bridge: AutoBridge, model: list[torch.nn.Module], tp: int) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
+def gathered_logits(bridge: AutoBridge, model: list[torch.nn.Module]) -> torch.Tensor:
     with cpu_compat(), torch.no_grad():
-        local = bridge.config.forward_logits(model[0], parity_tokens())
-    if tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+        return bridge.config.forward_logits(model[0], parity_tokens())
 
 
 def convert(src: Path, target: Path, tp: int, ep: int, params_dtype: torch.dtype | None) -> None:
     bridge = AutoBridge.from_hf_pretrained(src, params_dtype=params_dtype)
-    model = bridge.to_megatron_model(Layout(tp=tp, ep=ep), allow_unmapped=[VISION_TENSORS])
+    model = bridge.to_megatron_model(Layout(tp=tp, ep=ep))
     bridge.save_hf_pretrained(model, target)
     if params_dtype == torch.float32:
-        logits = gathered_logits(bridge, model, tp)
+        logits = gathered_logits(bridge, model)
         if dist.get_rank() == 0:
             torch.save(logits, target / "logits.pt")
 

@@ -14,7 +14,7 @@ from bridgecore.megatron.parallel import Layout, init_model_parallel
 from bridgecore.megatron.params import local_tensors
 from bridgecore_qwen35 import tiny
 from bridgecore_qwen35.mappings import VISION_TENSORS, experts_packed
-from conftest import read_config, read_tensors
+from qwen35_testing import read_config, read_tensors
 
 K_HEADS, V_HEADS, DK, DV = tiny.K_HEADS, tiny.V_HEADS, tiny.K_DIM, tiny.V_DIM
 
