@@ -1,0 +1,315 @@
+"""Conversion speed and peak memory against the disk limit and against peers, on synthetic checkpoints.
+
+    /tmp/venv/bin/python bench/bench_convert.py --sizes 1 4 --work /tmp/bench
+
+For each size (GB of bf16 weights) a Llama-layout checkpoint is generated (the example plugin's
+layout, scaled by hidden size and layer count) and every command runs as a child process whose
+whole process tree is sampled for RSS. Results go to ``bench/results/`` (markdown table, JSON, PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+PEERS_PYTHON = Path("/tmp/peers/bin/python")
+MCORE_BRIDGE = (
+    "mcore-bridge 1.6.5 (PyPI) cannot run here: its patcher.py imports TEGroupedLinear/TELinear and its"
+    " GPT model is built from Transformer Engine layers, which need CUDA; there is no GPU and no"
+    " transformer_engine build for CPU on this machine"
+)
+
+LIMIT_COPY = """
+import sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir()
+for f in sorted(src.glob("*.safetensors")):
+    save_file(load_file(f), dst / f.name, metadata={"format": "pt"})
+"""
+TRANSFORMERS_COPY = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model.save_pretrained(sys.argv[2], max_shard_size="5GB")
+"""
+
+
+@dataclass
+class Run:
+    size_gb: float
+    what: str
+    seconds: float
+    gb_per_s: float
+    peak_rss_gb: float
+
+
+def llama_config(size_gb: float) -> dict:
+    """A Llama config of about ``size_gb`` GB of bf16 weights: width grows with size."""
+    hidden = 2048 if size_gb <= 2 else 4096
+    inter, vocab, heads, kv = hidden * 4, 32000, hidden // 128, max(1, hidden // 512)
+    per_layer = 2 * (hidden * hidden * 2 + 2 * hidden * kv * 128 + 3 * hidden * inter)
+    # a multiple of 4 layers, so that every PP size up to 4 splits them
+    layers = max(4, 4 * round((size_gb * 1e9 - 4 * vocab * hidden) / per_layer / 4))
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": 128,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "dtype": "bfloat16",
+    }
+
+
+def write_checkpoint(out: Path, cfg: dict, shard_bytes: int = 2 * 10**9) -> None:
+    """Random-looking bf16 tensors (one random block tiled) in HF shards, written one shard at a time."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * 128, cfg["num_key_value_heads"] * 128
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        }
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    block = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    out.mkdir(parents=True)
+    groups, size = [[]], 0
+    for name, shape in shapes.items():
+        n = 2 * torch.Size(shape).numel()
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    weight_map, total = {}, 0
+    for k, names in enumerate(groups, start=1):
+        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for j, name in enumerate(names):
+            numel = torch.Size(shapes[name]).numel()
+            tensors[name] = block.roll(j).repeat(-(-numel // block.numel()))[:numel].view(shapes[name]).clone()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(names, file)
+        total += sum(t.numel() * 2 for t in tensors.values())
+        del tensors
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB, whole process tree, sampled every 50 ms) of ``command``."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            done.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    output, _ = proc.communicate()
+    done.set()
+    thread.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{output[-3000:]}")
+    return seconds, peak / 1e9
+
+
+def largest_tensor_gb(cfg: dict) -> float:
+    return 2 * max(cfg["vocab_size"] * cfg["hidden_size"], cfg["intermediate_size"] * cfg["hidden_size"]) / 1e9
+
+
+def bench_size(size_gb: float, work: Path, layout: list[str], threads: int) -> tuple[list[Run], dict]:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = llama_config(size_gb)
+    hf = work / f"hf-{size_gb:g}gb"
+    if not hf.exists():
+        write_checkpoint(hf, cfg)
+    data_gb = sum(f.stat().st_size for f in hf.glob("*.safetensors")) / 1e9
+    env = dict(os.environ, BRIDGECORE_PLUGINS="llama_example")
+    bc = [str(BIN / "bridgecore")]
+    out = work / f"out-{size_gb:g}gb"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    commands = {
+        "physical limit (safetensors read + write)": [sys.executable, "-c", LIMIT_COPY, str(hf), str(out / "copy")],
+        "bridgecore import (in memory)": bc + ["import", str(hf), str(out / "mg")],
+        "bridgecore export (in memory)": bc + ["export", str(out / "mg"), str(out / "hf-export")],
+        f"bridgecore import --offline {' '.join(layout)}": bc
+        + ["import", str(hf), str(out / "mg-offline"), "--offline", "--threads", str(threads), *layout],
+        "bridgecore export --offline": bc + ["export", str(out / "mg-offline"), str(out / "hf-offline"), "--offline"],
+        "peer: transformers from_pretrained + save_pretrained": [
+            sys.executable,
+            "-c",
+            TRANSFORMERS_COPY,
+            str(hf),
+            str(out / "hf-transformers"),
+        ],
+    }
+    runs = []
+    for what, command in commands.items():
+        seconds, peak = measure(command, env)
+        runs.append(Run(size_gb, what, seconds, data_gb / seconds, peak))
+        print(
+            f"  {size_gb:g} GB  {what:58s} {seconds:8.1f} s  {data_gb / seconds:6.3f} GB/s  peak RSS {peak:6.2f} GB",
+            flush=True,
+        )
+        # keep the disk for the next size: the outputs each direction still needs stay until the end
+        if what.startswith("physical"):
+            shutil.rmtree(out / "copy")
+    from bridgecore.compare import compare_checkpoints
+
+    exact = compare_checkpoints(hf, out / "hf-offline").exact and compare_checkpoints(hf, out / "hf-export").exact
+    shutil.rmtree(out)
+    info = {
+        "size_gb": size_gb,
+        "data_gb": data_gb,
+        "layers": cfg["num_hidden_layers"],
+        "hidden": cfg["hidden_size"],
+        "largest_tensor_gb": largest_tensor_gb(cfg),
+        "bit_exact": exact,
+    }
+    return runs, info
+
+
+def verdicts(runs: list[Run], info: dict) -> list[str]:
+    limit = next(r for r in runs if r.what.startswith("physical"))
+    ours = [r for r in runs if r.what.startswith("bridgecore")]
+    peers = [r for r in runs if r.what.startswith("peer")]
+    budget = 2 + 2 * info["largest_tensor_gb"]
+    lines = []
+    for r in ours:
+        speed = limit.seconds / r.seconds
+        lines.append(
+            f"{'PASS' if r.seconds <= 1.5 * limit.seconds else 'MISS'} throughput {r.what}: "
+            f"{r.seconds / limit.seconds:.2f}x the limit's time (target <= 1.5x; {speed:.2f} of its speed)"
+        )
+        lines.append(
+            f"{'PASS' if r.peak_rss_gb <= budget else 'MISS'} peak RSS {r.what}: {r.peak_rss_gb:.2f} GB"
+            f" (target <= {budget:.2f} GB = 2 GB + 2 x largest tensor)"
+        )
+        for p in peers:
+            verdict = "PASS" if r.seconds < p.seconds else "MISS"
+            lines.append(f"{verdict} faster than {p.what}: {r.seconds:.1f} s vs {p.seconds:.1f} s")
+    return lines
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for what in dict.fromkeys(r.what for r in runs):
+        points = sorted((r.size_gb, r.peak_rss_gb) for r in runs if r.what == what)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=what)
+    ax.set_xlabel("checkpoint size (GB, bf16)")
+    ax.set_ylabel("peak RSS (GB)")
+    ax.set_title("Peak memory vs model size (Llama layout, CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4], help="checkpoint sizes in GB (default 1 4)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bridgecore-bench"), help="scratch directory")
+    parser.add_argument("--layout", nargs="*", default=["--tp", "2", "--pp", "2"], help="offline import layout flags")
+    parser.add_argument("--threads", type=int, default=2, help="offline import writer threads")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    all_runs, infos, lines = [], [], []
+    for size in args.sizes:
+        runs, info = bench_size(size, args.work, args.layout, args.threads)
+        all_runs += runs
+        infos.append(info)
+        lines += [f"[{size:g} GB] {line}" for line in verdicts(runs, info)]
+    print("\n".join(lines))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "results.json").write_text(
+        json.dumps(
+            {
+                "runs": [asdict(r) for r in all_runs],
+                "checkpoints": infos,
+                "mcore_bridge": MCORE_BRIDGE,
+                "verdicts": lines,
+            },
+            indent=1,
+        )
+    )
+    table = ["| size (GB) | what | wall (s) | GB/s | peak RSS (GB) |", "|---|---|---:|---:|---:|"]
+    table += [
+        f"| {r.size_gb:g} | {r.what} | {r.seconds:.1f} | {r.gb_per_s:.3f} | {r.peak_rss_gb:.2f} |" for r in all_runs
+    ]
+    table += [
+        "| - | peer: mcore-bridge | not run | - | - |",
+        "",
+        f"mcore-bridge: {MCORE_BRIDGE}.",
+        "",
+        "Checkpoints: "
+        + "; ".join(
+            f"{i['size_gb']:g} GB = {i['layers']} layers of hidden {i['hidden']}, largest tensor"
+            f" {i['largest_tensor_gb']:.2f} GB, round trips bit-exact: {i['bit_exact']}"
+            for i in infos
+        ),
+        "",
+        "```",
+        *lines,
+        "```",
+    ]
+    (args.results / "results.md").write_text("\n".join(table) + "\n")
+    plot(all_runs, args.results / "peak_rss_vs_size.png")
+    print(f"results in {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Offline conversion between HF and torch_dist checkpoints in one process, never building the model.
+
+A torch_dist checkpoint is a set of chunks: each saved ShardedTensor of each rank is a region of a
+global tensor. Both directions work from megatron-core's own description of those chunks, taken
+from models built on the meta device (shapes only), and move one tensor through memory at a time:
+
+- import: the sharded state dict of every rank of the target layout is taken in this process,
+  each rank simulated in turn by a fake process group (no communication, no memory). The chunks
+  are handed to ``torch.distributed.checkpoint.save`` with a planner whose ``resolve_data`` makes
+  each chunk's tensor only when the writer asks for it: read the HF slices of that rank's param
+  through its mapping, then take the region of the param the chunk covers. The files are chunked
+  as that layout's ranks would have saved them, so loading at that layout reads no extra bytes.
+- export: a meta model at TP=PP=EP=1 says which regions of which saved tensors form each whole
+  Megatron param; those regions are read with DCP's ``FileSystemReader`` (whatever layout saved
+  them), the mapping turns the param into HF tensors, and the core's ``ShardedWriter`` writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bridgecore.bridge import AutoBridge, exact_cast
+from bridgecore.errors import BridgeError
+from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
+from bridgecore.mapping import Binding
+from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.parallel import Layout
+from bridgecore.megatron.params import LocalTensor, local_tensors
+
+ChunkId = tuple[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _Region:
+    """Where a saved chunk lies inside its rank-local param: ``as_strided`` arguments."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def of(self, param: torch.Tensor) -> torch.Tensor:
+        return torch.as_strided(param, self.size, self.stride, self.offset)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How to make one saved chunk: the rank-local param it views, its mapping, and the region."""
+
+    param: LocalTensor
+    binding: Binding
+    region: _Region
+
+
+def _require_no_process_group(what: str) -> None:
+    if dist.is_initialized():
+        raise BridgeError(
+            f"{what} runs in one process without torch.distributed; run it without torchrun and"
+            " outside a process that already joined a process group"
+        )
+
+
+@contextlib.contextmanager
+def _simulated_rank(rank: int, world: int, layout: Layout) -> Iterator[None]:
+    """megatron-core's parallel state as rank ``rank`` of ``world`` sees it, with no peers.
+
+    The fake backend answers every collective at once without data; building meta models and
+    describing their sharded state dicts needs the ranks and groups, never the communication.
+    """
+    from megatron.core import parallel_state as ps
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.etp,
+            create_gloo_process_groups=False,
+        )
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _sharded_state(chunks: list[torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``save_dist`` saves, split as megatron-core splits it: (sharded part, common part)."""
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    from bridgecore.megatron.checkpoint import _state_key, sharded_state_dict
+
+    state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
+    with cpu_compat("meta"):
+        for i, chunk in enumerate(chunks):
+            state[_state_key(i, chunks)] = sharded_state_dict(chunk)
+    return save_preprocess(state, validate_access_integrity=False)
+
+
+def _main_chunks(
+    chunks: list[torch.nn.Module], tensors: list[LocalTensor]
+) -> tuple[list[Any], list[tuple[Any, LocalTensor, _Region]], dict[str, Any]]:
+    """This rank's saved objects and tensor chunks (main replicas only), each chunk with its param."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
+
+    sharded, common = _sharded_state(chunks)
+    # Views share their base's storage; meta storages are distinct objects even without memory.
+    by_storage = {t.tensor.untyped_storage()._cdata: t for t in tensors}
+    objects, views = [], []
+    for item in nested_values(sharded):
+        if not is_main_replica(item.replica_id):
+            continue
+        if isinstance(item, ShardedObject):
+            objects.append(item)
+            continue
+        param = by_storage.get(item.data.untyped_storage()._cdata)
+        if param is None or not param.tensor.is_contiguous():
+            raise BridgeError(f"{item.key}: saved chunk is not a view of a contiguous model param; cannot stream it")
+        data = item.data
+        views.append(
+            (
+                item,
+                param,
+                _Region(tuple(data.shape), data.stride(), data.storage_offset() - param.tensor.storage_offset()),
+            )
+        )
+    return objects, views, common
+
+
+# -- import ------------------------------------------------------------------------------------
+def stream_to_megatron(
+    bridge: AutoBridge,
+    out_dir: str | Path,
+    layout: Layout | None = None,
+    *,
+    allow_unmapped: Sequence[str] = (),
+    overwrite: bool = False,
+    threads: int = 1,
+) -> Path:
+    """Write ``bridge``'s HF checkpoint as a torch_dist checkpoint chunked for ``layout``.
+
+    One process, one param (of one rank) in memory at a time; the model is never built. ``threads``
+    writer threads each make and write their own chunks.
+    """
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from bridgecore.megatron.checkpoint import RELEASE, publish
+
+    _require_no_process_group("offline import")
+    layout = layout or Layout()
+    if bridge.reader is None:
+        raise BridgeError("offline import needs the HF weights; this bridge was made from a config only")
+    out_dir = Path(out_dir)
+    check_target(out_dir, overwrite)
+    recipes, saved, common, table = {}, {}, None, None
+    names: set[str] = set()
+    world = layout.pp * math.lcm(layout.tp, layout.ep * layout.etp)
+    for rank in range(world):
+        with _simulated_rank(rank, world, layout):
+            chunks = bridge.build_chunks(layout, meta=True)
+            table = table or bridge.mapping_table()
+            tensors = [t for t in local_tensors(chunks, bridge.config) if not bridge.embedding_copy(t)]
+            names.update(t.name for t in tensors)
+            objects, views, rank_common = _main_chunks(chunks, tensors)
+            common = common if common is not None else rank_common
+            for obj in objects:
+                saved.setdefault(obj.unique_key, [obj])
+            for item, param, region in views:
+                chunk_id = (item.key, tuple(item.global_offset))
+                if chunk_id in recipes:
+                    continue
+                binding = table.find(param.name)
+                if binding is None:
+                    raise BridgeError(f"{param.name}: saved as {item.key} but no mapping fills it")
+                recipes[chunk_id] = _Recipe(param, binding, region)
+                saved.setdefault(item.key, []).append(item)
+    table.cover(sorted(names), bridge.hf_keys, allow_unmapped)
+
+    temp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        (temp / RELEASE).mkdir(parents=True)
+        with _simulated_rank(0, 1, Layout()):  # megatron's conversion asks for the rank
+            state = mcore_to_pyt_state_dict(saved, False)
+            planner = _StreamingSavePlanner(bridge, recipes)
+            dcp_save(
+                state,
+                storage_writer=_writer(temp / RELEASE, threads),
+                planner=planner,
+                no_dist=True,
+            )
+            strategy = get_default_save_sharded_strategy()
+            save_config(CheckpointingConfig(strategy.backend, strategy.version), str(temp / RELEASE))
+            torch.save(common, temp / RELEASE / "common.pt")
+        publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _writer(path: Path, threads: int) -> Any:
+    """DCP's file writer, recording its path as a string as megatron-core's writer does: loaders
+    (ours included) refuse a ``.metadata`` that pickles a ``PosixPath``."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        @property
+        def checkpoint_id(self) -> str:
+            return str(self.path)
+
+    return Writer(path, thread_count=threads)
+
+
+def _planner_base() -> type:
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+    return MCoreSavePlanner
+
+
+class _StreamingSavePlanner(_planner_base()):
+    """A DCP save planner whose tensors are made from the HF checkpoint when the writer asks.
+
+    Chunks of one param (the gate and up halves of a gated fc1) are asked for one after the other;
+    the param is kept until its last chunk is resolved, so each is read from HF once.
+    """
+
+    def __init__(self, bridge: AutoBridge, recipes: dict[ChunkId, _Recipe]):
+        super().__init__(flatten_state_dict=False)
+        self.bridge, self.recipes = bridge, recipes
+        self._uses = Counter(self._param_id(r) for r in recipes.values())
+        self._made: dict[tuple[str, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _param_id(recipe: _Recipe) -> tuple[str, int]:
+        return recipe.param.name, recipe.param.shard.rank
+
+    def lookup_object(self, index: Any) -> Any:
+        recipe = None if index.offset is None else self.recipes.get((index.fqn, tuple(index.offset)))
+        if recipe is None:  # a saved object (bytes), not a tensor chunk
+            return super().lookup_object(index)
+        chunk = super().lookup_object(index)
+        return recipe.region.of(self._param(recipe)).reshape(chunk.shape)
+
+    def _param(self, recipe: _Recipe) -> torch.Tensor:
+        key = self._param_id(recipe)
+        with self._lock:
+            value = self._made.get(key)
+            if value is None:
+                value = self._make(recipe)
+            self._uses[key] -= 1
+            if self._uses[key]:
+                self._made[key] = value
+            else:
+                self._made.pop(key, None)
+        return value
+
+    def _make(self, recipe: _Recipe) -> torch.Tensor:
+        t, b = recipe.param, recipe.binding
+        value = b.mapping.to_megatron(self.bridge.reader, b.capture_dict, t.shard)
+        if tuple(value.shape) != tuple(t.tensor.shape):
+            raise BridgeError(
+                f"{t.name}: {b.mapping!r} made shape {list(value.shape)} from {', '.join(b.hf)},"
+                f" but the Megatron tensor has {list(t.tensor.shape)}"
+            )
+        return exact_cast(value, t.tensor.dtype, t.name).contiguous()
+
+
+# -- export ------------------------------------------------------------------------------------
+def stream_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    plugin: str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from bridgecore.bridge import _write_json
+    from bridgecore.megatron.checkpoint import RELEASE
+
+    _require_no_process_group("offline export")
+    bridge = AutoBridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
+    out_dir = Path(out_dir)
+    check_target(out_dir, overwrite)
+    reader = FileSystemReader(str(Path(ckpt_dir) / RELEASE))
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, is_coordinator=True)
+    with _simulated_rank(0, 1, Layout()):
+        chunks = bridge.build_chunks(Layout(), meta=True)
+        bound = bridge.bind(chunks, None)
+        plan = bridge.plan(bound)
+        _, views, _ = _main_chunks(chunks, [t for t, _ in bound])
+    regions: dict[str, list[tuple[Any, _Region]]] = {}
+    for item, param, region in views:
+        regions.setdefault(param.name, []).append((item, region))
+    writer = ShardedWriter(out_dir, plan, parse_size(max_shard_size))
+    writer.create()
+    try:
+        for t, b in bound:
+            value = torch.empty(t.tensor.shape, dtype=t.tensor.dtype)
+            _read_param(reader, metadata, t.name, regions.get(t.name, []), value)
+            for piece in b.mapping.to_hf([value], b.capture_dict):
+                dtype = bridge.source.dtype(piece.name) if piece.name in bridge.hf_keys else value.dtype
+                writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
+        if bridge.hf_dir is None:
+            _write_json(Path(writer.temp_dir) / "config.json", bridge.hf_config)
+        writer.commit([writer.written()], side_files_from=bridge.hf_dir, overwrite=overwrite)
+    except BaseException:
+        writer.abort()
+        raise
+    return out_dir
+
+
+class _RegionLoadPlanner:
+    """The two calls ``FileSystemReader.read_data`` makes: where each read item goes.
+
+    Targets are keyed by the whole read item: the chunks of one saved tensor share a ``dest_index``.
+    """
+
+    def __init__(self, targets: dict[Any, torch.Tensor]):
+        self.targets = targets
+
+    def resolve_tensor(self, item: Any) -> torch.Tensor:
+        return self.targets[item]
+
+    def commit_tensor(self, item: Any, tensor: torch.Tensor) -> None:
+        return None
+
+
+def _read_param(reader: Any, metadata: Any, name: str, regions: list[tuple[Any, _Region]], value: torch.Tensor) -> None:
+    """Fill ``value`` (a whole param) from every saved chunk region that covers it."""
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import (
+        create_read_items_for_chunk_list,
+    )
+
+    covered = sum(region.of(value).numel() for _, region in regions)
+    if covered != value.numel():
+        raise BridgeError(f"{name}: the saved chunks cover {covered} of its {value.numel()} values")
+    targets = {}
+    for chunk, region in regions:
+        if chunk.key not in metadata.state_dict_metadata:
+            raise BridgeError(f"{name}: the checkpoint has no tensor {chunk.key}")
+        sizes = torch.Size((1,) * chunk.prepend_axis_num + tuple(chunk.local_shape))
+        target = region.of(value).view(sizes)
+        for item in create_read_items_for_chunk_list(
+            chunk.key,
+            metadata.state_dict_metadata[chunk.key],
+            [ChunkStorageMetadata(offsets=torch.Size(chunk.global_offset), sizes=sizes)],
+        ):
+            targets[item] = narrow_tensor_by_index(target, item.dest_offsets, item.lengths)
+    reader.read_data(LoadPlan(list(targets)), _RegionLoadPlanner(targets)).wait()
