@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from bridgecore.compare import compare_checkpoints
-from cli_runner import run_cli
 
 PLUGINS = "llama_example"
 COMMANDS = ["plugins", "inspect", "import", "export", "roundtrip", "verify", "demo"]
@@ -73,10 +73,10 @@ def test_demo_runs_the_example(tmp_path: Path) -> None:
 
 
 def test_python_api_export_iterator_equals_source(llama_dir: Path) -> None:
+    import bridgecore_llama_example
     from bridgecore.bridge import AutoBridge
     from bridgecore.hf.reader import CheckpointReader
     from bridgecore.plugins import Plugins
-    import bridgecore_llama_example
 
     plugins = Plugins(load_entry_points=False)
     plugins.register(bridgecore_llama_example, name="llama_example")

@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 
 import torch
-from bridgecore.tiny import write_checkpoint
 from safetensors.torch import load_file
+
+from bridgecore.tiny import write_checkpoint
 
 _SKIP = re.compile(r"norm|embed|lm_head|mlp\.gate\.|moe\.gate\.|router|shared_head|conv1d")
 _FUSED = re.compile(r"\.(q|k|v|g)_proj$|\.(gate|up)_proj$")

@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import (
     ColumnParallel,

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from bridgecore.bridge import AutoBridge
-from bridgecore_llama_example import write_tiny as write_llama
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
+
+from bridgecore.bridge import AutoBridge
+from bridgecore_llama_example import write_tiny as write_llama
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibration import calibrate

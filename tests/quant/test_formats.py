@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from bridgecore.errors import BridgeError
 from bridgecore.tiny import write_checkpoint
 from bridgecore_quant import numerics
 from bridgecore_quant.formats import export_fp8, export_nvfp4
-from safetensors.torch import load_file
 
 H, I, E, V = 64, 32, 4, 48
 QUANTIZED = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from bridgecore.bridge import AutoBridge
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from bridgecore_qwen35 import tiny
 from safetensors import safe_open
+
+from bridgecore_qwen35 import tiny
 
 VARIANTS = {"dense": tiny.write_dense, "moe": tiny.write_moe, "moe-vl": tiny.write_moe_vl}
 

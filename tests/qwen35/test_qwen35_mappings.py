@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import bridgecore_qwen35 as plugin
 import pytest
 import torch
+from qwen35_testing import read_config, read_tensors
+
+import bridgecore_qwen35 as plugin
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import MappingTable, Shard
 from bridgecore.megatron.compat import cpu_compat
@@ -14,7 +16,6 @@ from bridgecore.megatron.parallel import Layout, init_model_parallel
 from bridgecore.megatron.params import local_tensors
 from bridgecore_qwen35 import tiny
 from bridgecore_qwen35.mappings import VISION_TENSORS, experts_packed
-from qwen35_testing import read_config, read_tensors
 
 K_HEADS, V_HEADS, DK, DV = tiny.K_HEADS, tiny.V_HEADS, tiny.K_DIM, tiny.V_DIM
 

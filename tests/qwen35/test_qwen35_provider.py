@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 
-import bridgecore_qwen35 as plugin
 import pytest
 import torch
+from qwen35_testing import read_config
+
+import bridgecore_qwen35 as plugin
 from bridgecore.errors import BridgeError
 from bridgecore_qwen35 import tiny
-from qwen35_testing import read_config
 
 
 def _config(tmp_path, write) -> dict:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from bridgecore_qwen35.reference import reference_model
-from qwen35_testing import VARIANTS, read_tensors
 from qwen35_roundtrip_worker import layouts, parity_tokens
+from qwen35_testing import VARIANTS, read_tensors
+
+from bridgecore_qwen35.reference import reference_model
 
 #: fp32 logits (|logits| up to ~4) of two implementations of the same math: transformers' and
 #: megatron-core's chunked delta rule, eager vs. Megatron attention, HF vs. Megatron MoE routing.

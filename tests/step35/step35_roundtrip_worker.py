@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from step35_testing import read_tensors
 
 from bridgecore.bridge import AutoBridge
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore_step35.reference import step35_reference
-from step35_testing import read_tensors
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from step35_testing import RELEASED, read_tensors
 
 from bridgecore.bridge import AutoBridge
 from bridgecore.errors import BridgeError
@@ -13,7 +14,6 @@ from bridgecore.mapping import FusedQKV, MappingTable, Shard
 from bridgecore.megatron.params import local_tensors
 from bridgecore_step35 import step35_mappings, step35_model_config
 from bridgecore_step35.tiny import TINY_CONFIG, step35_tensor_shapes
-from step35_testing import RELEASED, read_tensors
 
 CONFIG = step35_model_config(TINY_CONFIG)
 HF_KEYS = frozenset(step35_tensor_shapes(TINY_CONFIG))

@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
+from step35_testing import LAYERS, RELEASED, TYPES
 
 from bridgecore.errors import BridgeError
 from bridgecore_step35 import provider_config, step35_model_config
 from bridgecore_step35.provider import FULL
-from step35_testing import LAYERS, RELEASED, TYPES
 
 
 def test_released_config() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
+from step35_testing import RELEASED, read_tensors
 
 from bridgecore.plugins import Plugins
 from bridgecore_step35.tiny import TINY_CONFIG, step35_tensor_shapes
-from step35_testing import RELEASED, read_tensors
 
 
 def test_released_layout_reproduces_the_804_tensors() -> None:

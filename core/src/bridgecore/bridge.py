@@ -243,7 +243,8 @@ class AutoBridge:
 
         if self.config.share_embeddings_and_output_weights and t.name.endswith("output_layer.weight"):
             return True
-        return t.name == "embedding.word_embeddings.weight" and not ps.is_pipeline_first_stage(ignore_virtual=True)
+        embedding = t.name == "embedding.word_embeddings.weight" or t.name.endswith(".embedding.word_embeddings.weight")
+        return embedding and not ps.is_pipeline_first_stage(ignore_virtual=True)
 
     def load_hf_weights(self, model: Model, allow_unmapped: Sequence[str] = ()) -> None:
         """Copy the HF weights into ``model``, every tensor read only for the slices this rank holds."""

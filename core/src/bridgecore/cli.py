@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME", help="run only these tiny models (repeatable)")
     p.set_defaults(fn=cmd_demo)
     for command in sub.choices.values():
-        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of any error")
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of any error")
     return parser
 
 
@@ -322,7 +323,8 @@ def _plugin_frame(exc: BaseException) -> tuple[PluginInfo, str] | None:
     """The installed plugin whose code raised `exc` (the innermost plugin frame), and file:line, or None."""
     from bridgecore.plugins import installed
 
-    packages = {getattr(i.module, "__name__", type(i.module).__module__).split(".")[0]: i for i in installed().infos.values()}
+    infos = installed().infos.values()
+    packages = {getattr(i.module, "__name__", type(i.module).__module__).split(".")[0]: i for i in infos}
     found = None
     for frame, line in traceback.walk_tb(exc.__traceback__):
         package = str(frame.f_globals.get("__name__", "")).split(".")[0]

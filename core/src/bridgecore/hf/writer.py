@@ -254,7 +254,8 @@ def _disk_errors(out_dir: Path, where: Path) -> Iterator[None]:
         yield
     except OSError as err:
         raise BridgeError(
-            f"{err.filename or where}: {err.strerror or err} while writing {out_dir}; the output path was left as it was"
+            f"{err.filename or where}: {err.strerror or err} while writing {out_dir};"
+            " the output path was left as it was"
         ) from None
 
 

@@ -17,6 +17,9 @@ from bridgecore.mapping import Shard
 
 _DECODER_LAYER = re.compile(r"(^|\.)decoder\.layers\.(\d+)\.")
 _MTP_LAYER = re.compile(r"(^|\.)mtp\.layers\.(\d+)\.")
+# megatron-core 0.19 renamed the MTP layer's inner layer `transformer_layer` -> `mtp_model_layer`
+# but still writes GPT MTP checkpoints under the old name; global names follow the checkpoint.
+_MTP_INNER_LAYER = re.compile(r"(^|\.)(mtp\.layers\.\d+\.)mtp_model_layer\.")
 _LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
 _GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
@@ -40,6 +43,7 @@ class LocalTensor:
 def global_name(local: str, layer_offset: int, mtp_offset: int, expert_offset: int) -> str:
     name = _DECODER_LAYER.sub(lambda m: f"{m.group(1)}decoder.layers.{int(m.group(2)) + layer_offset}.", local)
     name = _MTP_LAYER.sub(lambda m: f"{m.group(1)}mtp.layers.{int(m.group(2)) + mtp_offset}.", name)
+    name = _MTP_INNER_LAYER.sub(r"\1\2transformer_layer.", name)
     name = _LOCAL_EXPERT.sub(lambda m: f".experts.local_experts.{int(m.group(1)) + expert_offset}.", name)
     return _GROUPED_EXPERT.sub(lambda m: f".experts.{m.group(1)}.{m.group(2)}{int(m.group(3)) + expert_offset}", name)
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from bridgecore.hookspecs import hookimpl
 from bridgecore.mapping import Mapping, MappingTable, Source
-
 from bridgecore_quant.amax import Amax, amax_mappings
 from bridgecore_quant.formats import export_fp8, export_nvfp4
 from bridgecore_quant.state import (

@@ -23,6 +23,7 @@ import copy
 from collections.abc import Sequence
 
 import torch
+
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import (
     FusedQKV,

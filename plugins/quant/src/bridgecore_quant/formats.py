@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import copy_side_files
 from bridgecore.hf.reader import CheckpointReader
 from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, check_target
-
 from bridgecore_quant import numerics
 from bridgecore_quant.amax import (
     INPUT_AMAX,

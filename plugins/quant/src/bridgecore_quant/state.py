@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import MappingTable, Source, Stacked
-
 from bridgecore_quant.amax import INPUT_AMAX, KV_AMAX, WEIGHT_AMAX, Amax
 
 #: the quantizer containers a checkpoint may carry, by the buffer's suffix.
@@ -137,10 +137,11 @@ def _save_quantizers_with(owner: torch.nn.Module) -> None:
 
 def global_namer(model: torch.nn.Module, config: Any) -> Callable[[str], str]:
     """Local -> global names for one PP stage, as the core's parameter iteration names them."""
-    from bridgecore.megatron.params import global_name
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.multi_token_prediction import get_mtp_layer_offset
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from bridgecore.megatron.params import global_name
 
     vp_stage = getattr(model, "vp_stage", None)
     layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from bridgecore.errors import BridgeError
 from bridgecore.megatron.config import ModelConfig
-
 from bridgecore_qwen35.gdn import torch_gdn_kernels
 
 #: text-only classes keep the decoder under `model.`; the VL classes nest it (`model.language_model.`).

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 import torch
-from bridgecore.errors import BridgeError
 from safetensors import safe_open
 
+from bridgecore.errors import BridgeError
 from bridgecore_qwen35.provider import text_config
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

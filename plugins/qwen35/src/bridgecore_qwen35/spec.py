@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from bridgecore.megatron.norms import LocalNorm
-from bridgecore.megatron.specs import ModelSpec
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from bridgecore.megatron.norms import LocalNorm
+from bridgecore.megatron.specs import ModelSpec
 
 
 class NormColumnParallelLinear(MegatronModule):
@@ -121,7 +122,18 @@ def _attention_spec(backend: LocalFusedBackend) -> ModuleSpec:
     )
 
 
-def _layer_spec(attention: ModuleSpec, mlp: ModuleSpec, backend: LocalFusedBackend) -> ModuleSpec:
+def _mlp_and_fused_norm(spec: Any) -> tuple[Any, bool]:
+    """The MLP spec and whether its pre-MLP norm is fused into it.
+
+    megatron-core 0.19 returns these as a pair (the MLP as a builder); 0.16 returns a ModuleSpec
+    carrying the flag in its metainfo.
+    """
+    if isinstance(spec, tuple):
+        return spec
+    return spec, spec.metainfo["fuse_pre_mlp_layernorm"]
+
+
+def _layer_spec(attention: ModuleSpec, mlp: tuple[Any, bool], backend: LocalFusedBackend) -> ModuleSpec:
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_layer import (
@@ -130,13 +142,14 @@ def _layer_spec(attention: ModuleSpec, mlp: ModuleSpec, backend: LocalFusedBacke
     )
 
     norm = backend.layer_norm(rms_norm=True)
+    mlp, fused_pre_mlp_norm = mlp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if attention.metainfo["fuse_input_layernorm"] else norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if mlp.metainfo["fuse_pre_mlp_layernorm"] else norm,
+            pre_mlp_layernorm=IdentityOp if fused_pre_mlp_norm else norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -161,9 +174,9 @@ def qwen35_layer_spec(config: Any, vp_stage: int | None = None) -> ModelSpec:
     gdn = hybrid.get_gated_delta_net_module_spec(config, backend=backend)
     attention = _attention_spec(backend)
     if config.num_moe_experts:
-        mlp = hybrid._get_moe_module_spec(config, backend=backend)
+        mlp = _mlp_and_fused_norm(hybrid._get_moe_module_spec(config, backend=backend))
     else:
-        mlp = hybrid._get_dense_mlp_module_spec(config, backend=backend)
+        mlp = _mlp_and_fused_norm(hybrid._get_dense_mlp_module_spec(config, backend=backend))
     linear = hybrid.get_linear_attention_pattern(config)
     layers = [_layer_spec(gdn if is_linear else attention, mlp, backend) for is_linear in linear]
 

@@ -56,7 +56,12 @@ class Step35Layer(TransformerLayer):
 
     def __init__(self, config: Step35Config, submodules: Any, layer_number: int = 1, vp_stage: int | None = None,
                  **kwargs: Any):
-        index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage)
+        if kwargs.get("is_mtp_layer"):
+            # megatron-core >= 0.19 numbers an MTP block's inner layer by its MTP depth (from 1) and
+            # says so with `is_mtp_layer`; 0.16 continued the decoder's numbering (next branch).
+            index = config.num_layers + layer_number - 1
+        else:
+            index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage)
         super().__init__(config.layer_config(index), submodules, layer_number, vp_stage=vp_stage, **kwargs)
         self.rotary = LayerRotaryEmbedding(config, index)
         self._clamp_swiglu()

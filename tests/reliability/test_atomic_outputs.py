@@ -1,0 +1,155 @@
+"""Outputs are atomic: a killed or disk-full run leaves the previous output intact or nothing at the
+target, never something that looks complete; existing output needs --overwrite."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from reliability_support import Result, cli_process, run_process, siblings
+
+from bridgecore.compare import compare_checkpoints
+
+Cli = Callable[..., Result]
+
+# Fault injection for the kill tests: the real CLI, with each tensor write (export) or the torch_dist
+# save (import) slowed so that the kill lands while the temporary directory is being filled.
+SLOW_EXPORT = """
+import time
+from bridgecore.hf import writer
+_write = writer.ShardedWriter.write
+writer.ShardedWriter.write = lambda self, *a, **k: (time.sleep(0.3), _write(self, *a, **k))[1]
+"""
+SLOW_IMPORT = """
+import time
+from megatron.core import dist_checkpointing
+_save = dist_checkpointing.save
+dist_checkpointing.save = lambda *a, **k: (time.sleep(0.5), _save(*a, **k), time.sleep(30))[1]
+"""
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def megatron_dir(cli: Cli, llama_dir: Path, tmp_path: Path) -> Path:
+    assert cli("import", llama_dir, tmp_path / "megatron").returncode == 0
+    return tmp_path / "megatron"
+
+
+def kill_when_temp_appears(proc: subprocess.Popen, target: Path, timeout: float = 240) -> None:
+    """SIGKILL `proc` once its temporary sibling of `target` exists (the run is then mid-write)."""
+    deadline = time.monotonic() + timeout
+    while not list(target.parent.glob(f".{target.name}.tmp-*")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never started writing"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["new-target", "overwrite"])
+def test_killed_export_leaves_previous_output_or_nothing(
+    cli: Cli, llama_dir: Path, megatron_dir: Path, tmp_path: Path, previous: bool
+) -> None:
+    out = tmp_path / "out"
+    if previous:
+        assert cli("export", megatron_dir, out).returncode == 0
+        (out / "marker.txt").write_text("previous output")
+    before = snapshot(out) if previous else None
+    proc = cli_process("export", megatron_dir, out, "--overwrite", prelude=SLOW_EXPORT)
+    kill_when_temp_appears(proc, out)
+    if previous:
+        assert snapshot(out) == before
+    else:
+        assert not out.exists()
+    # The killed run's hidden temporary stays behind, and the next run is not disturbed by it.
+    assert any(name.startswith(".out.tmp-") for name in siblings(out))
+    assert cli("export", megatron_dir, out, "--overwrite").returncode == 0
+    assert compare_checkpoints(llama_dir, out).exact and not (out / "marker.txt").exists()
+
+
+def test_killed_import_leaves_nothing(megatron_dir: Path, llama_dir: Path, cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "imported"
+    proc = cli_process("import", llama_dir, out, prelude=SLOW_IMPORT)
+    kill_when_temp_appears(proc, out)
+    assert not out.exists()
+    assert cli("import", llama_dir, out).returncode == 0 and (out / "release" / ".metadata").is_file()
+
+
+@pytest.mark.parametrize("command", ["import", "export", "roundtrip"])
+def test_existing_output_is_refused_without_overwrite(
+    cli: Cli, llama_dir: Path, megatron_dir: Path, tmp_path: Path, command: str
+) -> None:
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = {"import": (llama_dir, out), "export": (megatron_dir, out), "roundtrip": (llama_dir, "--keep", out)}[command]
+    line = cli(command, *args).error_line()
+    assert f"{out}: already exists" in line and "overwrite" in line
+    assert snapshot(out) == {"keep.txt": b"mine"} and siblings(out) == ["existing"]
+
+
+def test_overwrite_replaces_only_with_a_complete_output(
+    cli: Cli, llama_dir: Path, megatron_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert cli("roundtrip", llama_dir, "--keep", out, "--overwrite").returncode == 0
+    assert compare_checkpoints(llama_dir, out).exact and not (out / "stale.txt").exists() and siblings(out) == ["out"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 300 KiB tmpfs: room for one tiny export (183 kB) but not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], check=False, capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); the RLIMIT_FSIZE test covers disk-full"
+        )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_export_keeps_the_previous_output(cli: Cli, megatron_dir: Path, small_disk: Path) -> None:
+    out = small_disk / "out"
+    assert cli("export", megatron_dir, out).returncode == 0
+    before = snapshot(out)
+    line = cli("export", megatron_dir, out, "--overwrite").error_line()
+    assert "No space left on device while writing" in line and "the output path was left as it was" in line
+    assert snapshot(out) == before and siblings(out) == ["out"]
+
+
+def test_disk_full_import_leaves_nothing(cli: Cli, llama_dir: Path, small_disk: Path) -> None:
+    (small_disk / "ballast").write_bytes(b"\0" * 200_000)
+    out = small_disk / "megatron"
+    line = cli("import", llama_dir, out).error_line()
+    assert f"{out}: writing the torch_dist checkpoint failed" in line and "bytes free on that disk" in line
+    assert siblings(out) == []
+
+
+def test_file_size_limit_export_fails_cleanly(megatron_dir: Path, tmp_path: Path) -> None:
+    """Disk-full without privileges: RLIMIT_FSIZE makes writes past 100 kB fail (EFBIG) in the child."""
+    out = tmp_path / "out"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    line = run_process("export", megatron_dir, out, preexec_fn=limit).error_line()
+    assert "File too large while writing" in line and str(out) in line
+    assert siblings(out) == []
