@@ -88,23 +88,9 @@ def write_checkpoint(out: Path, cfg: dict, shard_bytes: int = 2 * 10**9) -> None
     import torch
     from safetensors.torch import save_file
 
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q, kv = cfg["num_attention_heads"] * 128, cfg["num_key_value_heads"] * 128
-    shapes = {"model.embed_tokens.weight": (v, h)}
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        }
-    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    from bridgecore_llama_example import tensor_shapes
+
+    shapes = tensor_shapes(cfg)
     block = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     out.mkdir(parents=True)
     groups, size = [[]], 0

@@ -22,7 +22,7 @@ from bridgecore.compare import compare_checkpoints
 from bridgecore.megatron import parallel
 from bridgecore.megatron.parallel import Layout
 from bridgecore.tiny import random_tensor, write_checkpoint
-from bridgecore_llama_example import TINY_CONFIG
+from bridgecore_llama_example import TINY_CONFIG, tensor_shapes
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -45,25 +45,7 @@ def random_config(rng: random.Random, tp: int) -> dict:
 
 def write_random(out: Path, cfg: dict, seed: int) -> None:
     g, dtype = torch.Generator().manual_seed(seed), DTYPES[cfg["dtype"]]
-    h, i, v, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        }
-    shapes["model.norm.weight"] = (h,)
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
+    shapes = tensor_shapes(cfg)
     write_checkpoint(out, cfg, {n: random_tensor(s, dtype, g) for n, s in shapes.items()}, shards=2)
 
 

@@ -119,12 +119,11 @@ TINY_CONFIG = {
 }
 
 
-def write_tiny(out: Path, seed: int = 0) -> None:
-    """A random tiny Llama checkpoint in the HF layout (bf16, two shards)."""
-    cfg = TINY_CONFIG
-    g = torch.Generator().manual_seed(seed)
-    h, i, v, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama checkpoint with config ``cfg``, in HF order, with its shape."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
@@ -139,12 +138,23 @@ def write_tiny(out: Path, seed: int = 0) -> None:
             p + "mlp.up_proj.weight": (i, h),
             p + "mlp.down_proj.weight": (h, i),
         }
-    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    tensors = {name: random_tensor(shape, torch.bfloat16, g, std=1.0 if len(shape) == 1 else 0.02) for name, shape in shapes.items()}
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def write_tiny(out: Path, seed: int = 0) -> None:
+    """A random tiny Llama checkpoint in the HF layout (bf16, two shards)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        name: random_tensor(shape, torch.bfloat16, g, std=1.0 if len(shape) == 1 else 0.02)
+        for name, shape in tensor_shapes(TINY_CONFIG).items()
+    }
     for name, t in tensors.items():
         if name.endswith("norm.weight"):
             tensors[name] = (1 + 0.1 * t.float()).to(torch.bfloat16)
-    write_checkpoint(out, cfg, tensors, shards=2)
+    write_checkpoint(out, TINY_CONFIG, tensors, shards=2)
 
 
 @hookimpl
