@@ -10,7 +10,7 @@ Pins, and why:
 - megatron-core==0.16.1: the newest release for Python 3.11 (0.17+ need Python 3.12).
 - transformers==5.23.0: the reference forwards (qwen3_5, qwen3_5_moe, step3p7, llama) live there.
 - The 0.19 row runs megatron-core==0.19.2 on Python 3.12, where no local CPU torch wheel exists:
-  pip downloads torch's CUDA build (it still runs on the CPU). See MCORE_019_COST below.
+  pip downloads torch's CUDA build (it still runs on the CPU). See the cost noted above MCORE_019_FOLDERS.
 """
 
 from __future__ import annotations
@@ -32,9 +32,13 @@ TORCH_311 = "torch==2.13.0"
 MCORE_016 = "megatron-core==0.16.1"
 MCORE_019 = "megatron-core==0.19.2"
 TORCH_312 = "torch==2.13.0"
-#: measured by installing the 0.19 row on the 2-core CI machine (see the README's test matrix):
-#: it downloads the CUDA build of torch, so it is kept out of the default run.
-MCORE_019_COST = "see README: Test matrix"
+#: Measured on the 2-core machine (empty pip cache): the 0.19 row downloads 2.6 GB of wheels (torch's
+#: CUDA build, nvidia-*, triton), installs in about 2.5 minutes into a 5.0 GB venv, and its tests take
+#: about 8 minutes. With the default row at about 20-25 minutes that would put the default run over
+#: the 30 minutes we allow it, and make every CI run depend on a 2.6 GB download, so it is a separate
+#: session (run it before a release, or where a GPU machine has the CUDA wheels cached).
+#: It runs the core and plugin tests; `import --offline` at TP>1 is wrong on 0.19.2 (see README).
+MCORE_019_FOLDERS = ["tests/core", "tests/step35", "tests/step37", "tests/qwen35", "tests/quant"]
 COMMON = ["transformers==5.23.0", "safetensors==0.8.0", "pluggy==1.6.0", "tqdm", "numpy", "psutil",
           "pytest==9.0.3", "hypothesis==6.155.2"]
 
@@ -45,7 +49,10 @@ PLUGINS = {
     "step37": (["plugins/step35", "plugins/step37"], ["tests/step37"]),
     "qwen35": (["plugins/qwen35"], ["tests/qwen35"]),
     "quant": (["plugins/quant", "plugins/step35"], ["tests/quant"]),
-    "all": (["plugins/step35", "plugins/step37", "plugins/qwen35", "plugins/quant"], ["tests/reliability", "tests/scale"]),
+    "all": (
+        ["plugins/step35", "plugins/step37", "plugins/qwen35", "plugins/quant"],
+        ["tests/reliability", "tests/scale"],
+    ),
 }
 
 
@@ -75,7 +82,7 @@ def tests_mcore019(session: nox.Session) -> None:
     """megatron-core 0.19.2 on Python 3.12 with every plugin installed (not in the default run)."""
     extra, _ = PLUGINS["all"]
     install(session, TORCH_312, MCORE_019, extra)
-    run_tests(session, [folder for _, folders in PLUGINS.values() for folder in folders])
+    run_tests(session, MCORE_019_FOLDERS)
 
 
 @nox.session(python=PY311)
