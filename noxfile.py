@@ -64,7 +64,9 @@ def install(session: nox.Session, torch_pin: str, mcore_pin: str, plugins: list[
 
 def run_tests(session: nox.Session, folders: list[str]) -> None:
     env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    session.run("pytest", "-q", "-p", "no:cacheprovider", *folders, *session.posargs, env=env)
+    # `slow` marks the rest of the multi-rank layout matrix: `nox -s tests -- -m slow` runs it.
+    args = session.posargs or ["-m", "not slow"]
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *folders, *args, env=env)
 
 
 @nox.session(python=PY311)

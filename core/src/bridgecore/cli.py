@@ -302,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("ignore")
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        status = args.fn(args)
+        _leave_process_group()
+        return status
     except BridgeError as exc:
         if args.traceback:
             raise
@@ -317,6 +319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bridgecore: error: plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
               f" {type(exc).__name__}: {message}; rerun with --traceback for details", file=sys.stderr)
         return 2
+
+
+def _leave_process_group() -> None:
+    """Tear down gloo before the interpreter does: left to exit, its threads can abort the process
+    ("terminate called without an active exception") after a successful run under torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _plugin_frame(exc: BaseException) -> tuple[PluginInfo, str] | None:

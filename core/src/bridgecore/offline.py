@@ -51,7 +51,9 @@ class _Region:
     offset: int
 
     def of(self, param: torch.Tensor) -> torch.Tensor:
-        return torch.as_strided(param, self.size, self.stride, self.offset)
+        # as_strided's offset counts from the storage's start; a param read zero-copy from the HF
+        # file starts at its place in the file, not at zero.
+        return torch.as_strided(param, self.size, self.stride, param.storage_offset() + self.offset)
 
 
 @dataclass(frozen=True)
@@ -167,12 +169,12 @@ def stream_to_megatron(
 
     from bridgecore.megatron.checkpoint import RELEASE, publish
 
+    out_dir = Path(out_dir)
+    check_target(out_dir, overwrite)
     _require_no_process_group("offline import")
     layout = layout or Layout()
     if bridge.reader is None:
         raise BridgeError("offline import needs the HF weights; this bridge was made from a config only")
-    out_dir = Path(out_dir)
-    check_target(out_dir, overwrite)
     recipes, saved, common, table = {}, {}, None, None
     names: set[str] = set()
     world = layout.pp * math.lcm(layout.tp, layout.ep * layout.etp)
