@@ -160,7 +160,8 @@ class Segmented(Mapping):
                     rows = rows.repeat_interleave(seg.repeat, dim=self.dim).narrow(self.dim, skip, b - a)
                 parts.append(rows)
             pos += seg.rows
-        return torch.cat(parts, dim=self.dim)
+        # torch.cat copies even a single part; one contiguous run is the read slice itself.
+        return torch.cat(parts, dim=self.dim) if len(parts) > 1 else parts[0]
 
     def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
         names = self.hf_names(captures)
