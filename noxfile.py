@@ -39,8 +39,16 @@ TORCH_312 = "torch==2.13.0"
 #: session (run it before a release, or where a GPU machine has the CUDA wheels cached).
 #: It runs the core and plugin tests; `import --offline` at TP>1 is wrong on 0.19.2 (see README).
 MCORE_019_FOLDERS = ["tests/core", "tests/step35", "tests/step37", "tests/qwen35", "tests/quant"]
-COMMON = ["transformers==5.23.0", "safetensors==0.8.0", "pluggy==1.6.0", "tqdm", "numpy", "psutil",
-          "pytest==9.0.3", "hypothesis==6.155.2"]
+COMMON = [
+    "transformers==5.23.0",
+    "safetensors==0.8.0",
+    "pluggy==1.6.0",
+    "tqdm",
+    "numpy",
+    "psutil",
+    "pytest==9.0.3",
+    "hypothesis==6.155.2",
+]
 
 #: plugin -> (local distributions it needs, besides the core, and its test folders)
 PLUGINS = {

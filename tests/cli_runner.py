@@ -13,8 +13,17 @@ def run_cli(*args: str, nproc: int = 1, plugins: str | None = None, timeout: int
     if plugins is not None:
         env["BRIDGECORE_PLUGINS"] = plugins
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "bridgecore", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "bridgecore",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "bridgecore", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

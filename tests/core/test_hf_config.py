@@ -41,9 +41,18 @@ def test_side_files_skip_code_and_weights(tmp_path: Path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    kept = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
-            "preprocessor_config.json"]
+    kept = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+    ]
     dropped = ["modeling_foo.py", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
     for name in kept + dropped:
         (src / name).write_text(name)

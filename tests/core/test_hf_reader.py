@@ -102,7 +102,12 @@ GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
         (b"{not json", b"", None, "header is not JSON .* line 1 column 2"),
         (b"\xff\xfe", b"", None, "is not UTF-8"),
         ([1, 2], b"", None, "header is a JSON list"),
-        ({"a": {"dtype": "F31", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "tensor 'a' has dtype \"F31\""),
+        (
+            {"a": {"dtype": "F31", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "tensor 'a' has dtype \"F31\"",
+        ),
         ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "tensor 'a' has shape"),
         ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "expected 12 bytes"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, b"\0" * 8, None, "data_offsets \\[0\\]"),

@@ -92,16 +92,22 @@ def _tensors_for(plan: list, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_processes_write_one_temp_dir_in_parallel(tmp_path: Path):
-    plan = [("a", (8, 2), torch.float32), ("experts.w", (4, 2, 2), torch.bfloat16), ("b", (3,), torch.float16),
-            ("c", (16,), torch.float32)]
+    plan = [
+        ("a", (8, 2), torch.float32),
+        ("experts.w", (4, 2, 2), torch.bfloat16),
+        ("b", (3,), torch.float16),
+        ("c", (16,), torch.float32),
+    ]
     out = tmp_path / "out"
     owner = ShardedWriter(out, plan, 64)
     temp_dir = owner.create()
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     parts = [["a", "experts.w"], ["experts.w", "b", "c"]]
-    workers = [context.Process(target=_write_part, args=(out, plan, temp_dir, names, rank, queue))
-               for rank, names in enumerate(parts)]
+    workers = [
+        context.Process(target=_write_part, args=(out, plan, temp_dir, names, rank, queue))
+        for rank, names in enumerate(parts)
+    ]
     for worker in workers:
         worker.start()
     written = [queue.get(timeout=60) for _ in workers]
@@ -196,7 +202,11 @@ def test_side_files_are_copied(tmp_path: Path):
     (src / "modeling_x.py").write_text("")
     writer = _write_all(tmp_path / "out", {"w": torch.ones(4)})
     writer.commit([writer.written()], side_files_from=src)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
 
 
 def test_abort_removes_everything(tmp_path: Path):

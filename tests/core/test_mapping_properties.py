@@ -63,7 +63,9 @@ def assert_round_trip(mapping: Mapping, tensors: dict[str, torch.Tensor], captur
     for piece in pieces:
         expected = tensors[piece.name] if piece.expert is None else tensors[piece.name][piece.expert]
         assert piece.tensor.dtype == expected.dtype
-        assert torch.equal(piece.tensor.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), piece.name
+        assert torch.equal(piece.tensor.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), (
+            piece.name
+        )
 
 
 @settings(max_examples=30, deadline=None)
@@ -107,12 +109,21 @@ def attention_shapes(draw):
     per_group = draw(st.integers(1, 3))
     head_dim = draw(st.integers(1, 4))
     hidden = draw(st.integers(1, 8))
-    tp = draw(st.sampled_from([t for t in (1, 2, 4) if (groups * per_group) % t == 0 and (groups % t == 0 or t % groups == 0)]))
+    tp = draw(
+        st.sampled_from(
+            [t for t in (1, 2, 4) if (groups * per_group) % t == 0 and (groups % t == 0 or t % groups == 0)]
+        )
+    )
     return groups * per_group, groups, head_dim, hidden, tp
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=attention_shapes(), gate=st.sampled_from([None, "in_q", "separate", "headwise"]), dtype=DTYPES, seed=st.integers(0, 9))
+@given(
+    shape=attention_shapes(),
+    gate=st.sampled_from([None, "in_q", "separate", "headwise"]),
+    dtype=DTYPES,
+    seed=st.integers(0, 9),
+)
 def test_fused_qkv(shape, gate, dtype, seed) -> None:
     heads, groups, d, hidden, tp = shape
     q_rows = heads * d * (2 if gate == "in_q" else 1)
@@ -165,14 +176,25 @@ def test_concat_gdn_in_proj(heads, dims, hidden, tp, dtype, seed) -> None:
         return
     dk, dv = dims
     qkv = random_tensor((2 * nk * dk + nv * dv, hidden), dtype, seed)
-    z, b, a = (random_tensor(s, dtype, seed + i) for i, s in enumerate([(nv * dv, hidden), (nv, hidden), (nv, hidden)], 1))
-    components = [(0, 0, nk * dk), (0, nk * dk, nk * dk), (0, 2 * nk * dk, nv * dv), (1, 0, nv * dv), (2, 0, nv), (3, 0, nv)]
+    z, b, a = (
+        random_tensor(s, dtype, seed + i) for i, s in enumerate([(nv * dv, hidden), (nv, hidden), (nv, hidden)], 1)
+    )
+    components = [
+        (0, 0, nk * dk),
+        (0, nk * dk, nk * dk),
+        (0, 2 * nk * dk, nv * dv),
+        (1, 0, nv * dv),
+        (2, 0, nv),
+        (3, 0, nv),
+    ]
     mapping = Concat("m.in_proj", ["qkv", "z", "b", "a"], components)
     assert_round_trip(mapping, {"qkv": qkv, "z": z, "b": b, "a": a}, {}, tp)
 
 
 @settings(max_examples=30, deadline=None)
-@given(experts=st.sampled_from([2, 4, 6]), ep=st.sampled_from([1, 2]), tp=TP_SIZES, dtype=DTYPES, seed=st.integers(0, 9))
+@given(
+    experts=st.sampled_from([2, 4, 6]), ep=st.sampled_from([1, 2]), tp=TP_SIZES, dtype=DTYPES, seed=st.integers(0, 9)
+)
 def test_stacked_experts_over_ep_and_tp(experts: int, ep: int, tp: int, dtype: torch.dtype, seed: int) -> None:
     rows, cols = 2 * tp, 3
     gate = random_tensor((experts, rows, cols), dtype, seed)

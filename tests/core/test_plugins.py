@@ -57,9 +57,13 @@ def test_environment_restricts_and_broken_plugins_are_reported(monkeypatch: pyte
         raise ImportError("no module named missing_dep")
 
     entries = [
-        SimpleNamespace(name="good", dist=SimpleNamespace(name="dist-good", version="2.0"), load=lambda: fake_plugin("G")),
+        SimpleNamespace(
+            name="good", dist=SimpleNamespace(name="dist-good", version="2.0"), load=lambda: fake_plugin("G")
+        ),
         SimpleNamespace(name="bad", dist=SimpleNamespace(name="dist-bad", version="0.1"), load=broken),
-        SimpleNamespace(name="other", dist=SimpleNamespace(name="dist-other", version="1.0"), load=lambda: fake_plugin("O")),
+        SimpleNamespace(
+            name="other", dist=SimpleNamespace(name="dist-other", version="1.0"), load=lambda: fake_plugin("O")
+        ),
     ]
     monkeypatch.setattr(plugin_module, "entry_points", lambda group: entries)
     monkeypatch.setenv("BRIDGECORE_PLUGINS", "good,bad")

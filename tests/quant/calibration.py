@@ -30,8 +30,11 @@ def calibrate(src: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(src.glob("*.safetensors")):
         tensors |= load_file(file)
-    linears = {n[: -len(".weight")]: t for n, t in tensors.items()
-               if n.endswith(".weight") and t.dim() >= 2 and not _SKIP.search(n)}
+    linears = {
+        n[: -len(".weight")]: t
+        for n, t in tensors.items()
+        if n.endswith(".weight") and t.dim() >= 2 and not _SKIP.search(n)
+    }
     weight_amax: dict[str, torch.Tensor] = {}
     for module, weight in linears.items():
         amax = weight.float().abs().flatten(-2).amax(-1)  # [] per linear, [E] per stacked expert

@@ -24,7 +24,7 @@ from bridgecore.mapping import (
 )
 from bridgecore_quant.amax import Amax, amax_mappings, is_per_tensor
 
-H, HEADS, GROUPS, D, I, E, LAYERS, V = 32, 4, 2, 8, 16, 4, 2, 64
+H, HEADS, GROUPS, D, INTER, E, LAYERS, V = 32, 4, 2, 8, 16, 4, 2, 64
 
 
 class DictSource:
@@ -44,14 +44,25 @@ def weight_mappings() -> list:
     return [
         ColumnParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
         Replicated(L + "input_layernorm.weight", HL + "input_layernorm.weight"),
-        FusedQKV(L + "self_attention.linear_qkv.weight", *(HL + f"self_attn.{p}_proj.weight" for p in "qkv"),
-                 heads=HEADS, groups=GROUPS, head_dim=D),
+        FusedQKV(
+            L + "self_attention.linear_qkv.weight",
+            *(HL + f"self_attn.{p}_proj.weight" for p in "qkv"),
+            heads=HEADS,
+            groups=GROUPS,
+            head_dim=D,
+        ),
         RowParallel(L + "self_attention.linear_proj.weight", HL + "self_attn.o_proj.weight"),
         Replicated(L + "mlp.router.weight", HL + "mlp.gate.weight", layers=[0]),
-        GatedMLP(ex + "linear_fc1.weight", HL + "mlp.experts.{expert}.gate_proj.weight",
-                 HL + "mlp.experts.{expert}.up_proj.weight", layers=[0]),
+        GatedMLP(
+            ex + "linear_fc1.weight",
+            HL + "mlp.experts.{expert}.gate_proj.weight",
+            HL + "mlp.experts.{expert}.up_proj.weight",
+            layers=[0],
+        ),
         RowParallel(ex + "linear_fc2.weight", HL + "mlp.experts.{expert}.down_proj.weight", layers=[0]),
-        Stacked(GatedMLP(ex + "linear_fc1.weight", HL + "moe.gate_proj.weight", HL + "moe.up_proj.weight", layers=[1]), E),
+        Stacked(
+            GatedMLP(ex + "linear_fc1.weight", HL + "moe.gate_proj.weight", HL + "moe.up_proj.weight", layers=[1]), E
+        ),
         Stacked(RowParallel(ex + "linear_fc2.weight", HL + "moe.down_proj.weight", layers=[1]), E),
         ColumnParallel("output_layer.weight", "lm_head.weight"),
     ]
@@ -62,13 +73,17 @@ def hf_linears() -> dict[str, tuple[int, ...]]:
     out = {}
     for n in range(LAYERS):
         p = f"model.layers.{n}."
-        out |= {p + "self_attn.q_proj": (HEADS * D, H), p + "self_attn.k_proj": (GROUPS * D, H),
-                p + "self_attn.v_proj": (GROUPS * D, H), p + "self_attn.o_proj": (H, HEADS * D)}
+        out |= {
+            p + "self_attn.q_proj": (HEADS * D, H),
+            p + "self_attn.k_proj": (GROUPS * D, H),
+            p + "self_attn.v_proj": (GROUPS * D, H),
+            p + "self_attn.o_proj": (H, HEADS * D),
+        }
     for e in range(E):
         p = f"model.layers.0.mlp.experts.{e}."
-        out |= {p + "gate_proj": (I, H), p + "up_proj": (I, H), p + "down_proj": (H, I)}
+        out |= {p + "gate_proj": (INTER, H), p + "up_proj": (INTER, H), p + "down_proj": (H, INTER)}
     p = "model.layers.1.moe."
-    out |= {p + "gate_proj": (E, I, H), p + "up_proj": (E, I, H), p + "down_proj": (E, H, I)}
+    out |= {p + "gate_proj": (E, INTER, H), p + "up_proj": (E, INTER, H), p + "down_proj": (E, H, INTER)}
     return out
 
 

@@ -62,7 +62,9 @@ def write_step35(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tuple[str, Path, dict[str, torch.Tensor]]:
+def calibrated(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> tuple[str, Path, dict[str, torch.Tensor]]:
     family = request.param
     src = tmp_path_factory.mktemp(family) / "calibrated"
     (write_llama if family == "llama" else write_step35)(src)
@@ -76,13 +78,28 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
 ROUNDTRIPS = [("llama", 2, 1), ("step35", 1, 1), ("step35", 2, 2)]
 
 
-@pytest.mark.parametrize(("calibrated", "tp", "ep"), ROUNDTRIPS, indirect=["calibrated"],
-                         ids=[f"{f}-tp{tp}-ep{ep}" for f, tp, ep in ROUNDTRIPS])
+@pytest.mark.parametrize(
+    ("calibrated", "tp", "ep"),
+    ROUNDTRIPS,
+    indirect=["calibrated"],
+    ids=[f"{f}-tp{tp}-ep{ep}" for f, tp, ep in ROUNDTRIPS],
+)
 def test_calibrated_checkpoint_roundtrips_bit_exact(calibrated, tp: int, ep: int, tmp_path: Path) -> None:
     family, src, tensors = calibrated
     plugin = ["--plugin", "llama_example"] if family == "llama" else []
-    result = bridgecore(PLUGINS[family], "roundtrip", str(src), "--tp", str(tp), "--ep", str(ep), *plugin,
-                        "--keep", str(tmp_path / "out"), nproc=max(tp, ep))
+    result = bridgecore(
+        PLUGINS[family],
+        "roundtrip",
+        str(src),
+        "--tp",
+        str(tp),
+        "--ep",
+        str(ep),
+        *plugin,
+        "--keep",
+        str(tmp_path / "out"),
+        nproc=max(tp, ep),
+    )
     assert "bit-exact" in result.stdout
     got = load_dir(tmp_path / "out")
     assert sorted(got) == sorted(tensors)

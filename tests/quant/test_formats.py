@@ -22,9 +22,13 @@ from bridgecore.tiny import write_checkpoint
 from bridgecore_quant import numerics
 from bridgecore_quant.formats import export_fp8, export_nvfp4
 
-H, I, E, V = 64, 32, 4, 48
-QUANTIZED = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
-             "model.layers.1.moe.gate_proj"]
+H, INTER, E, V = 64, 32, 4, 48
+QUANTIZED = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.o_proj",
+    "model.layers.0.mlp.down_proj",
+    "model.layers.1.moe.gate_proj",
+]
 
 
 def write_calibrated(out: Path) -> dict[str, torch.Tensor]:
@@ -38,9 +42,9 @@ def write_calibrated(out: Path) -> dict[str, torch.Tensor]:
         "model.layers.0.input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
         "model.layers.0.self_attn.q_proj.weight": w(H, H),
         "model.layers.0.self_attn.o_proj.weight": w(H, H),
-        "model.layers.0.mlp.down_proj.weight": w(H, I),
+        "model.layers.0.mlp.down_proj.weight": w(H, INTER),
         "model.layers.1.mlp.gate.weight": w(E, H),
-        "model.layers.1.moe.gate_proj.weight": w(E, I, H),
+        "model.layers.1.moe.gate_proj.weight": w(E, INTER, H),
         "lm_head.weight": w(V, H),
     }
     tensors["model.layers.0.self_attn.o_proj.weight"][0, :16] = 0  # an all-zero NVFP4 block
@@ -84,7 +88,9 @@ def assert_fp8_within_bound(got: dict[str, torch.Tensor], source: dict[str, torc
         assert not any(k.startswith(m + ".") and "quantizer" in k for k in got)
 
 
-def assert_nvfp4_within_bound(got: dict[str, torch.Tensor], source: dict[str, torch.Tensor], modules: list[str]) -> None:
+def assert_nvfp4_within_bound(
+    got: dict[str, torch.Tensor], source: dict[str, torch.Tensor], modules: list[str]
+) -> None:
     for m in modules:
         weight, amax = source[f"{m}.weight"].float(), source[f"{m}.weight_quantizer._amax"]
         packed, block, scale_2 = got[f"{m}.weight"], got[f"{m}.weight_scale"], got[f"{m}.weight_scale_2"]
@@ -106,7 +112,11 @@ def assert_quant_config(out: Path, fmt: str, exclude: list[str], kv_cache: bool,
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())
     assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.1.0"}
     q = hf_quant["quantization"]
-    expected = {"quant_algo": fmt.upper(), "kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": exclude}
+    expected = {
+        "quant_algo": fmt.upper(),
+        "kv_cache_quant_algo": "FP8" if kv_cache else None,
+        "exclude_modules": exclude,
+    }
     assert q == expected | ({"group_size": 16} if fmt == "nvfp4" else {})
     config = json.loads((out / "config.json").read_text())
     qc = config.pop("quantization_config")
@@ -141,10 +151,14 @@ def test_nvfp4_dequantizes_within_bound(calibrated, tmp_path: Path) -> None:
     src, source = calibrated
     got = load_dir(export_nvfp4(src, tmp_path / "nvfp4"))
     assert_nvfp4_within_bound(got, source, QUANTIZED)
-    assert torch.equal(numerics.nvfp4_dequantize(got["model.layers.0.self_attn.o_proj.weight"][:1, :8],
-                                                 got["model.layers.0.self_attn.o_proj.weight_scale"][:1, :1],
-                                                 got["model.layers.0.self_attn.o_proj.weight_scale_2"]),
-                       torch.zeros(1, 16))
+    assert torch.equal(
+        numerics.nvfp4_dequantize(
+            got["model.layers.0.self_attn.o_proj.weight"][:1, :8],
+            got["model.layers.0.self_attn.o_proj.weight_scale"][:1, :1],
+            got["model.layers.0.self_attn.o_proj.weight_scale_2"],
+        ),
+        torch.zeros(1, 16),
+    )
 
 
 def test_output_is_sharded_with_an_index(calibrated, tmp_path: Path) -> None:

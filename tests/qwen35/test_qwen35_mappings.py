@@ -58,9 +58,16 @@ def test_gdn_in_proj_packs_q_k_v_z_b_a_per_tp_rank(dense) -> None:
     source = Memory(tensors)
     kh, vh = K_HEADS // 2, V_HEADS // 2
     for r in range(2):
-        expected = torch.cat([q[r * kh * DK : (r + 1) * kh * DK], k[r * kh * DK : (r + 1) * kh * DK],
-                              v[r * vh * DV : (r + 1) * vh * DV], z[r * vh * DV : (r + 1) * vh * DV],
-                              b[r * vh : (r + 1) * vh], a[r * vh : (r + 1) * vh]])
+        expected = torch.cat(
+            [
+                q[r * kh * DK : (r + 1) * kh * DK],
+                k[r * kh * DK : (r + 1) * kh * DK],
+                v[r * vh * DV : (r + 1) * vh * DV],
+                z[r * vh * DV : (r + 1) * vh * DV],
+                b[r * vh : (r + 1) * vh],
+                a[r * vh : (r + 1) * vh],
+            ]
+        )
         got = binding.mapping.to_megatron(source, binding.capture_dict, Shard(r, 2))
         assert torch.equal(got, expected)
     conv = tensors[f"{h}conv1d.weight"]
@@ -75,7 +82,10 @@ def test_gated_q_proj_interleave(dense) -> None:
     _, table, tensors = dense
     h, d = "model.layers.3.self_attn.", tiny.HEAD_DIM
     q_proj = tensors[f"{h}q_proj.weight"].view(tiny.HEADS, 2, d, -1)
-    k, v = tensors[f"{h}k_proj.weight"].view(tiny.KV_HEADS, d, -1), tensors[f"{h}v_proj.weight"].view(tiny.KV_HEADS, d, -1)
+    k, v = (
+        tensors[f"{h}k_proj.weight"].view(tiny.KV_HEADS, d, -1),
+        tensors[f"{h}v_proj.weight"].view(tiny.KV_HEADS, d, -1),
+    )
     per_group = tiny.HEADS // tiny.KV_HEADS
     groups = []
     for g in range(tiny.KV_HEADS):

@@ -21,7 +21,12 @@ def _config(tmp_path, write) -> dict:
 def test_dense_config(tmp_path) -> None:
     c = plugin.provider_config(hf_config=_config(tmp_path, tiny.write_dense))
     assert c.linear_attention_freq == [1, 1, 1, 0]
-    assert (c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim) == (2, 4, 16, 16)
+    assert (c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim) == (
+        2,
+        4,
+        16,
+        16,
+    )
     assert c.linear_conv_kernel_dim == 4
     assert c.attention_output_gate and c.qk_layernorm and c.layernorm_zero_centered_gamma
     assert (c.num_attention_heads, c.num_query_groups, c.kv_channels, c.ffn_hidden_size) == (4, 2, 16, 128)
@@ -64,13 +69,16 @@ def test_explicit_layer_types_win(tmp_path) -> None:
     assert plugin.provider_config(hf_config=hf).linear_attention_freq == [1, 0, 1, 0]
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("attn_output_gate", False, "attn_output_gate"),
-    ("attention_bias", True, "attention_bias"),
-    ("mtp_num_hidden_layers", 2, "mtp_num_hidden_layers"),
-    ("layer_types", ["full_attention"], "layer_types"),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6}, "rope_type"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("attn_output_gate", False, "attn_output_gate"),
+        ("attention_bias", True, "attention_bias"),
+        ("mtp_num_hidden_layers", 2, "mtp_num_hidden_layers"),
+        ("layer_types", ["full_attention"], "layer_types"),
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6}, "rope_type"),
+    ],
+)
 def test_unsupported_values_are_one_line_errors(tmp_path, key, value, message) -> None:
     hf = _config(tmp_path, tiny.write_dense)
     hf[key] = value

@@ -28,8 +28,17 @@ NATIVE = [(v, *layouts(v)[-1], "-native") for v in VARIANTS]
 def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("qwen35-out")
     worker = Path(__file__).with_name("qwen35_roundtrip_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(worker), str(out), *(str(p) for p in checkpoints.values())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        str(worker),
+        str(out),
+        *(str(p) for p in checkpoints.values()),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900, start_new_session=True)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -46,8 +55,9 @@ def references(checkpoints: dict[str, Path]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("variant", "tp", "ep", "params"), CASES + NATIVE)
-def test_roundtrip_is_bit_exact(converted: Path, checkpoints: dict[str, Path], variant: str, tp: int, ep: int,
-                                params: str) -> None:
+def test_roundtrip_is_bit_exact(
+    converted: Path, checkpoints: dict[str, Path], variant: str, tp: int, ep: int, params: str
+) -> None:
     source = read_tensors(checkpoints[variant])
     exported = read_tensors(converted / f"{variant}-tp{tp}-ep{ep}{params}")
     # Every tensor comes back, the VL vision tower too (kept verbatim as passthrough).
@@ -58,8 +68,9 @@ def test_roundtrip_is_bit_exact(converted: Path, checkpoints: dict[str, Path], v
 
 
 @pytest.mark.parametrize(("variant", "tp", "ep", "params"), CASES)
-def test_logits_match_transformers(converted: Path, references: dict[str, torch.Tensor], variant: str, tp: int,
-                                   ep: int, params: str) -> None:
+def test_logits_match_transformers(
+    converted: Path, references: dict[str, torch.Tensor], variant: str, tp: int, ep: int, params: str
+) -> None:
     megatron = torch.load(converted / f"{variant}-tp{tp}-ep{ep}" / "logits.pt")
     assert megatron.dtype == torch.float32 and megatron.shape == references[variant].shape
     torch.testing.assert_close(megatron, references[variant], atol=LOGIT_ATOL, rtol=0)

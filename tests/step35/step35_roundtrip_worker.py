@@ -39,7 +39,8 @@ def run(src: Path, out: Path, tp: int, ep: int) -> dict:
             "max_abs_diff": (logits.float() - reference).abs().max().item(),
             "missing": sorted(set(source) ^ set(exported)),
             "different": sorted(
-                n for n in source.keys() & exported.keys()
+                n
+                for n in source.keys() & exported.keys()
                 if source[n].dtype != exported[n].dtype or not torch.equal(source[n], exported[n])
             ),
             "config_equal": json.loads((src / "config.json").read_text())

@@ -30,7 +30,10 @@ def test_released_config() -> None:
     assert cfg.moe_router_score_function == "sigmoid" and cfg.moe_router_enable_expert_bias
     assert cfg.moe_router_topk_scaling_factor == 3.0 and cfg.moe_router_dtype == "fp32"
     assert cfg.llama3_rope == {
-        "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 32.0, "original_max_position_embeddings": 131072.0,
+        "factor": 2.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 32.0,
+        "original_max_position_embeddings": 131072.0,
     }
 
 
@@ -64,8 +67,16 @@ def test_moe_layers_enum_list_equals_string() -> None:
 def test_step37_text_config_defaults() -> None:
     """A Step-3.7 text_config: no zero_centered, tie_word_embeddings, use_qk_norm, per-layer lists cut to 45."""
     text = copy.deepcopy(RELEASED)
-    for key in ("zero_centered", "tie_word_embeddings", "use_qk_norm", "use_head_wise_attn_gate", "architectures",
-                "moe_layers_enum", "swiglu_limits", "torch_dtype"):
+    for key in (
+        "zero_centered",
+        "tie_word_embeddings",
+        "use_qk_norm",
+        "use_head_wise_attn_gate",
+        "architectures",
+        "moe_layers_enum",
+        "swiglu_limits",
+        "torch_dtype",
+    ):
         del text[key]
     text["layer_types"] = TYPES[:LAYERS]
     text["rope_theta"] = text["rope_theta"][:LAYERS]

@@ -46,8 +46,20 @@ def test_cli_tp1(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(("tp", "ep"), [(2, 1), (2, 2)])
 def test_two_ranks(tiny_dir: Path, tmp_path: Path, tp: int, ep: int) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(HERE / "step35_roundtrip_worker.py"), str(tiny_dir), str(tmp_path), str(tp), str(ep)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(HERE / "step35_roundtrip_worker.py"),
+        str(tiny_dir),
+        str(tmp_path),
+        str(tp),
+        str(ep),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     check(json.loads((tmp_path / "result.json").read_text()))

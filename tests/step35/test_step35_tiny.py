@@ -30,7 +30,8 @@ def test_tiny_checkpoint(tiny_dir) -> None:
     assert json.loads((tiny_dir / "config.json").read_text()) == TINY_CONFIG
     assert {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()} == step35_tensor_shapes(TINY_CONFIG)
     assert {n for n, t in tensors.items() if t.dtype != torch.bfloat16} == {
-        "model.layers.2.moe.router_bias", "model.layers.3.moe.router_bias",
+        "model.layers.2.moe.router_bias",
+        "model.layers.3.moe.router_bias",
     }
     assert (tiny_dir / "model.safetensors.index.json").exists()
 

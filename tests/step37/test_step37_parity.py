@@ -83,8 +83,9 @@ def test_parity_sees_the_rope_axis_order(converted, monkeypatch: pytest.MonkeyPa
     src, _, model = converted
     _, pixels = _inputs(5)
     exact = vision.rope_2d_angles
-    monkeypatch.setattr(vision, "rope_2d_angles",
-                        lambda *args: exact(*args).unflatten(-1, (2, -1)).flip(-2).flatten(-2))
+    monkeypatch.setattr(
+        vision, "rope_2d_angles", lambda *args: exact(*args).unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    )
     with torch.no_grad():
         swapped = model.image_features(pixels)
     assert (swapped - step37_image_features(src, pixels)).abs().max().item() > 1e-3

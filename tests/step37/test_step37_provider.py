@@ -30,8 +30,11 @@ def test_released_config_with_absent_text_fields() -> None:
 
 
 def test_top_level_defaults_when_absent() -> None:
-    cfg = {k: v for k, v in RELEASED.items() if k not in ("image_token_id", "projector_bias",
-                                                        "understand_projector_stride")}
+    cfg = {
+        k: v
+        for k, v in RELEASED.items()
+        if k not in ("image_token_id", "projector_bias", "understand_projector_stride")
+    }
     config = step37_model_config(cfg)
     assert (config.image_token_id, config.projector_bias) == (128001, False)
 

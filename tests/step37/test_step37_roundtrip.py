@@ -19,8 +19,9 @@ ENV = {**os.environ, "BRIDGECORE_PLUGINS": "step35,step37"}
 def _bridgecore(args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
     # A hung collective must fail the test, not the session.
-    done = subprocess.run([sys.executable, *launcher, "-m", "bridgecore", *args], env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, *launcher, "-m", "bridgecore", *args], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return done
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,17 @@ class SourceMeta:
 
 
 #: model sizes every conversion builds tensors from; larger values are corrupt configs, not models.
-_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
-          "vocab_size", "num_moe_experts", "moe_ffn_hidden_size")
+_SIZES = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "ffn_hidden_size",
+    "vocab_size",
+    "num_moe_experts",
+    "moe_ffn_hidden_size",
+)
 _MAX_SIZE = 2**31
 
 
@@ -94,8 +103,16 @@ def exact_cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Ten
 class AutoBridge:
     """The conversion of one HF checkpoint directory, driven by the plugin that claims it."""
 
-    def __init__(self, hf_dir: Path | None, hf_config: dict[str, Any], plugin: PluginInfo, plugins: Plugins,
-                 config: ModelConfig, reader: CheckpointReader | None, source: SourceMeta | None = None):
+    def __init__(
+        self,
+        hf_dir: Path | None,
+        hf_config: dict[str, Any],
+        plugin: PluginInfo,
+        plugins: Plugins,
+        config: ModelConfig,
+        reader: CheckpointReader | None,
+        source: SourceMeta | None = None,
+    ):
         self.hf_dir, self.hf_config, self.plugin, self.plugins = hf_dir, hf_config, plugin, plugins
         self.config, self.reader = config, reader
         self.source = source or (SourceMeta.of(reader) if reader else None)
@@ -106,18 +123,39 @@ class AutoBridge:
         self.waived: list[str] = []
 
     @classmethod
-    def from_hf_pretrained(cls, path: str | Path, *, plugin: str | None = None, plugins: Plugins | None = None,
-                           params_dtype: torch.dtype | None = None, weights: bool = True) -> AutoBridge:
+    def from_hf_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        plugin: str | None = None,
+        plugins: Plugins | None = None,
+        params_dtype: torch.dtype | None = None,
+        weights: bool = True,
+    ) -> AutoBridge:
         """Read ``config.json`` (plain JSON, never remote code) and, lazily, the safetensors files."""
         hf_dir = Path(path)
         hf_config = read_config(hf_dir)
-        return cls.from_hf_config(hf_config, hf_dir=hf_dir, plugin=plugin, plugins=plugins,
-                                  params_dtype=params_dtype, reader=CheckpointReader(hf_dir) if weights else None)
+        return cls.from_hf_config(
+            hf_config,
+            hf_dir=hf_dir,
+            plugin=plugin,
+            plugins=plugins,
+            params_dtype=params_dtype,
+            reader=CheckpointReader(hf_dir) if weights else None,
+        )
 
     @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], *, hf_dir: Path | None = None, plugin: str | None = None,
-                       plugins: Plugins | None = None, params_dtype: torch.dtype | None = None,
-                       reader: CheckpointReader | None = None, source: SourceMeta | None = None) -> AutoBridge:
+    def from_hf_config(
+        cls,
+        hf_config: dict[str, Any],
+        *,
+        hf_dir: Path | None = None,
+        plugin: str | None = None,
+        plugins: Plugins | None = None,
+        params_dtype: torch.dtype | None = None,
+        reader: CheckpointReader | None = None,
+        source: SourceMeta | None = None,
+    ) -> AutoBridge:
         plugins = plugins or installed()
         where = str(hf_dir / "config.json") if hf_dir else "config"
         owner = plugins.choose(hf_config, plugin, where=where)
@@ -127,21 +165,29 @@ class AutoBridge:
         _check_sizes(config, f"{where} (via plugin {owner.name})")
         config.hf_config = hf_config
         if params_dtype is not None:
-            config = dataclasses.replace(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-                                         fp16=params_dtype == torch.float16)
+            config = dataclasses.replace(
+                config,
+                params_dtype=params_dtype,
+                bf16=params_dtype == torch.bfloat16,
+                fp16=params_dtype == torch.float16,
+            )
         return cls(hf_dir, hf_config, owner, plugins, config, reader, source)
 
     @classmethod
-    def from_megatron_checkpoint(cls, ckpt_dir: str | Path, *, plugin: str | None = None,
-                                 plugins: Plugins | None = None) -> AutoBridge:
+    def from_megatron_checkpoint(
+        cls, ckpt_dir: str | Path, *, plugin: str | None = None, plugins: Plugins | None = None
+    ) -> AutoBridge:
         """The bridge of a checkpoint written by :meth:`save_megatron` (``bridgecore import``)."""
         from bridgecore.megatron.checkpoint import PASSTHROUGH, SIDE, read_meta
 
         ckpt_dir = Path(ckpt_dir)
         meta = read_meta(ckpt_dir)
         bridge = cls.from_hf_config(
-            meta["hf_config"], plugin=plugin or meta.get("plugin"), plugins=plugins,
-            params_dtype=getattr(torch, meta["params_dtype"]), source=SourceMeta.from_json(meta["source"]),
+            meta["hf_config"],
+            plugin=plugin or meta.get("plugin"),
+            plugins=plugins,
+            params_dtype=getattr(torch, meta["params_dtype"]),
+            source=SourceMeta.from_json(meta["source"]),
         )
         side = ckpt_dir / SIDE
         bridge.hf_dir = side if side.is_dir() else None
@@ -176,16 +222,24 @@ class AutoBridge:
         weights = self.plugins.call_owned("mappings", self.plugin, config=self.config, hf_keys=self.hf_keys)
         if not weights:
             raise BridgeError(f"plugin {self.plugin.name} returned no mappings for this checkpoint")
-        extra = [m for ms in self.plugins.call_all("quant_mappings", config=self.config, mappings=weights) for m in ms or ()]
+        extra = [
+            m for ms in self.plugins.call_all("quant_mappings", config=self.config, mappings=weights) for m in ms or ()
+        ]
         return MappingTable(list(weights) + extra)
 
     # -- Megatron model -------------------------------------------------------------------------
-    def to_megatron_model(self, layout: parallel.Layout = parallel.Layout(), load_weights: bool = True,
-                          allow_unmapped: Sequence[str] = (), meta: bool = False) -> Model:
+    def to_megatron_model(
+        self,
+        layout: parallel.Layout | None = None,
+        load_weights: bool = True,
+        allow_unmapped: Sequence[str] = (),
+        meta: bool = False,
+    ) -> Model:
         """Build this rank's model chunks for ``layout`` and (by default) load the HF weights.
 
         ``meta=True`` builds without memory (shapes only) and never loads.
         """
+        layout = layout or parallel.Layout()
         parallel.check_divisible(self.config, layout)
         parallel.init_model_parallel(layout)
         model = parallel.collective(self.build_chunks, layout, meta)
@@ -196,19 +250,33 @@ class AutoBridge:
     def build_chunks(self, layout: parallel.Layout, meta: bool = False) -> Model:
         """This rank's model chunks for ``layout`` in megatron-core's current parallel state, unloaded."""
         self.config = dataclasses.replace(
-            self.config, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-            expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
-            virtual_pipeline_model_parallel_size=layout.vpp, pipeline_dtype=self.config.params_dtype,
+            self.config,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.etp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            pipeline_dtype=self.config.params_dtype,
         )
-        spec = lambda vp_stage: self.plugins.call_owned("layer_spec", self.plugin, config=self.config, vp_stage=vp_stage)  # noqa: E731
+        spec = lambda vp_stage: self.plugins.call_owned(
+            "layer_spec", self.plugin, config=self.config, vp_stage=vp_stage
+        )  # noqa: E731
         model = build_chunks(self.config, spec, meta)
         table = self.mapping_table()
         for chunk in model:
-            self.plugins.call_all("prepare_model", model=chunk, config=self.config, hf_keys=self.hf_keys,
-                                  table=table, source=self.reader or self.source)
+            self.plugins.call_all(
+                "prepare_model",
+                model=chunk,
+                config=self.config,
+                hf_keys=self.hf_keys,
+                table=table,
+                source=self.reader or self.source,
+            )
         return model
 
-    def bind(self, model: Model, hf_keys: frozenset[str] | None, allow_unmapped: Sequence[str] = ()) -> list[tuple[LocalTensor, Binding]]:
+    def bind(
+        self, model: Model, hf_keys: frozenset[str] | None, allow_unmapped: Sequence[str] = ()
+    ) -> list[tuple[LocalTensor, Binding]]:
         """This rank's tensors with their mappings; coverage is checked over all ranks together."""
         table = self.mapping_table()
         tensors = [t for t in local_tensors(model, self.config) if not self.embedding_copy(t)]
@@ -290,7 +358,9 @@ class AutoBridge:
 
         names = self.passthrough
         if names:
-            writer = ShardedWriter(ckpt_dir / PASSTHROUGH, [(n, self.source.shape(n), self.source.dtype(n)) for n in names])
+            writer = ShardedWriter(
+                ckpt_dir / PASSTHROUGH, [(n, self.source.shape(n), self.source.dtype(n)) for n in names]
+            )
             writer.create()
             self._copy_passthrough(writer)
             writer.commit([writer.written()])
@@ -364,8 +434,9 @@ class AutoBridge:
         for name in self.passthrough:
             yield name, self.passthrough_reader.read(name, ())
 
-    def save_hf_pretrained(self, model: Model, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
-                           overwrite: bool = False) -> Path:
+    def save_hf_pretrained(
+        self, model: Model, out_dir: str | Path, *, max_shard_size: int | str = "5GB", overwrite: bool = False
+    ) -> Path:
         """Write the HF checkpoint, all writer ranks in parallel; ``out_dir`` appears when complete."""
         out_dir = Path(out_dir)
         parallel.collective(check_target, out_dir, overwrite)
@@ -419,7 +490,9 @@ def _gathered_pieces(bridge: AutoBridge, bound: list[tuple[LocalTensor, Binding]
         if not t.writer:
             pieces = []
         if t.expert and ps.get_expert_model_parallel_world_size() > 1:
-            pieces = [p for part in parallel.all_gather_objects(pieces, ps.get_expert_model_parallel_group()) for p in part]
+            pieces = [
+                p for part in parallel.all_gather_objects(pieces, ps.get_expert_model_parallel_group()) for p in part
+            ]
         yield pieces
 
 

@@ -59,8 +59,13 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
 def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", help="use this plugin when several claim the architecture")
     p.add_argument("--params-dtype", choices=sorted(DTYPES), help="Megatron param dtype (default: the checkpoint's)")
-    p.add_argument("--allow-unmapped", action="append", default=[], metavar="PATTERN",
-                   help="glob of HF tensors or Megatron params to leave unmapped (repeatable); reported")
+    p.add_argument(
+        "--allow-unmapped",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="glob of HF tensors or Megatron params to leave unmapped (repeatable); reported",
+    )
 
 
 def _layout(args: argparse.Namespace):
@@ -107,9 +112,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     c = bridge.config
     print(f"checkpoint  {args.hf_dir}")
     print(f"plugin      {bridge.plugin.name} ({bridge.plugin.distribution} {bridge.plugin.version})")
-    fields = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-              "ffn_hidden_size", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "mtp_num_layers",
-              "vocab_size", "params_dtype", "share_embeddings_and_output_weights"]
+    fields = [
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "ffn_hidden_size",
+        "num_moe_experts",
+        "moe_router_topk",
+        "moe_ffn_hidden_size",
+        "mtp_num_layers",
+        "vocab_size",
+        "params_dtype",
+        "share_embeddings_and_output_weights",
+    ]
     for f in fields:
         print(f"  {f:40s} {getattr(c, f, None)}")
     model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True)
@@ -129,9 +146,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.offline:
         from bridgecore.offline import stream_to_megatron
 
-        stream_to_megatron(bridge, args.megatron_dir, _layout(args), allow_unmapped=args.allow_unmapped,
-                           overwrite=args.overwrite, threads=args.threads)
-        say(f"imported {args.hf_dir} -> {args.megatron_dir} offline ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
+        stream_to_megatron(
+            bridge,
+            args.megatron_dir,
+            _layout(args),
+            allow_unmapped=args.allow_unmapped,
+            overwrite=args.overwrite,
+            threads=args.threads,
+        )
+        say(
+            f"imported {args.hf_dir} -> {args.megatron_dir} offline ({_layout(args)})"
+            f" in {time.perf_counter() - start:.1f}s"
+        )
         return 0
     model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
     _report_waived(bridge)
@@ -149,8 +175,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise BridgeError("--offline writes the checkpoint's own dtypes; --quant needs the in-memory export")
         from bridgecore.offline import stream_to_hf
 
-        stream_to_hf(args.megatron_dir, args.hf_dir, plugin=args.plugin, max_shard_size=args.max_shard_size,
-                     overwrite=args.overwrite)
+        stream_to_hf(
+            args.megatron_dir,
+            args.hf_dir,
+            plugin=args.plugin,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
         say(f"exported {args.megatron_dir} -> {args.hf_dir} offline in {time.perf_counter() - start:.1f}s")
         return 0
     bridge = AutoBridge.from_megatron_checkpoint(args.megatron_dir, plugin=args.plugin)
@@ -186,9 +217,13 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     bridge = _bridge(args)
     model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
     _report_waived(bridge)
-    work = Path(parallel.broadcast_object(tempfile.mkdtemp(prefix="bridgecore-roundtrip-") if parallel.rank() == 0 else None))
+    work = Path(
+        parallel.broadcast_object(tempfile.mkdtemp(prefix="bridgecore-roundtrip-") if parallel.rank() == 0 else None)
+    )
     out = Path(args.keep) if args.keep else work / "hf"
-    bridge.save_hf_pretrained(model, out, max_shard_size=args.max_shard_size, overwrite=bool(args.keep) and args.overwrite)
+    bridge.save_hf_pretrained(
+        model, out, max_shard_size=args.max_shard_size, overwrite=bool(args.keep) and args.overwrite
+    )
     if parallel.rank() != 0:
         return 0
     report = compare_checkpoints(Path(args.hf_dir), out)
@@ -206,14 +241,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if reference is None:
         raise BridgeError(f"plugin {bridge.plugin.name} offers no reference forward for this checkpoint")
     model = bridge.to_megatron_model()
-    tokens = torch.randint(0, bridge.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+    tokens = torch.randint(
+        0, bridge.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
+    )
     with cpu_compat(), torch.no_grad():
         ours = bridge.config.forward_logits(model[0], tokens).float()
     theirs = reference(Path(args.hf_dir), tokens).float()
     diff = (ours - theirs).abs()
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    say(f"logits {list(ours.shape)}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e},"
-        f" argmax agreement {agree:.1%} (tolerance {args.atol:g})")
+    say(
+        f"logits {list(ours.shape)}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e},"
+        f" argmax agreement {agree:.1%} (tolerance {args.atol:g})"
+    )
     return 0 if diff.max().item() <= args.atol else 1
 
 
@@ -237,39 +276,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="installed plugins, versions, claimed architectures, hooks")
     p.set_defaults(fn=cmd_plugins)
 
-    p = sub.add_parser("inspect", help="which plugin, the Megatron config, the full mapping table with coverage",
-                       description="Builds the model on the meta device (no memory) and binds every param.")
+    p = sub.add_parser(
+        "inspect",
+        help="which plugin, the Megatron config, the full mapping table with coverage",
+        description="Builds the model on the meta device (no memory) and binds every param.",
+    )
     p.add_argument("hf_dir", type=Path, help="HF checkpoint directory (config.json + safetensors)")
     _source_args(p)
     p.set_defaults(fn=cmd_inspect)
 
-    p = sub.add_parser("import", help="HF checkpoint -> Megatron torch_dist checkpoint",
-                       description="Each rank reads only its slices; the output loads in Megatron-LM with --load.")
+    p = sub.add_parser(
+        "import",
+        help="HF checkpoint -> Megatron torch_dist checkpoint",
+        description="Each rank reads only its slices; the output loads in Megatron-LM with --load.",
+    )
     p.add_argument("hf_dir", type=Path)
     p.add_argument("megatron_dir", type=Path)
     _source_args(p)
     _layout_args(p)
-    p.add_argument("--offline", action="store_true",
-                   help="one process, no model: stream each tensor into torch_dist chunked for the layout")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="one process, no model: stream each tensor into torch_dist chunked for the layout",
+    )
     p.add_argument("--threads", type=int, default=1, help="with --offline, writer threads (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_import)
 
-    p = sub.add_parser("export", help="Megatron torch_dist checkpoint -> HF checkpoint",
-                       description="Loads at any layout; writer ranks write their own tensors in parallel.")
+    p = sub.add_parser(
+        "export",
+        help="Megatron torch_dist checkpoint -> HF checkpoint",
+        description="Loads at any layout; writer ranks write their own tensors in parallel.",
+    )
     p.add_argument("megatron_dir", type=Path)
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--plugin")
     _layout_args(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--quant", help="also quantize: fp8 or nvfp4 (needs bridgecore-quant)")
-    p.add_argument("--offline", action="store_true",
-                   help="one process, no model: read each param's chunks and stream it to HF (layout flags unused)")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="one process, no model: read each param's chunks and stream it to HF (layout flags unused)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF and a bit-exact per-tensor comparison",
-                       description="Exit status 0 only if every tensor, dtype and shape comes back identical.")
+    p = sub.add_parser(
+        "roundtrip",
+        help="HF -> Megatron -> HF and a bit-exact per-tensor comparison",
+        description="Exit status 0 only if every tensor, dtype and shape comes back identical.",
+    )
     p.add_argument("hf_dir", type=Path)
     _source_args(p)
     _layout_args(p)
@@ -292,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME", help="run only these tiny models (repeatable)")
     p.set_defaults(fn=cmd_demo)
     for command in sub.choices.values():
-        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
-                             help="show the full traceback of any error")
+        command.add_argument(
+            "--traceback", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of any error"
+        )
     return parser
 
 
@@ -316,8 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         info, where = culprit
         message = " ".join(str(exc).split())[:300]
-        print(f"bridgecore: error: plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
-              f" {type(exc).__name__}: {message}; rerun with --traceback for details", file=sys.stderr)
+        print(
+            f"bridgecore: error: plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
+            f" {type(exc).__name__}: {message}; rerun with --traceback for details",
+            file=sys.stderr,
+        )
         return 2
 
 

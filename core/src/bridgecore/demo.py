@@ -23,7 +23,9 @@ def run_demo(out: Path | None, only: Sequence[str] | None = None) -> int:
     if only:
         unknown = set(only) - {t.name for t in tiny}
         if unknown:
-            raise BridgeError(f"--only {', '.join(sorted(unknown))}: no such tiny model; have {', '.join(t.name for t in tiny)}")
+            raise BridgeError(
+                f"--only {', '.join(sorted(unknown))}: no such tiny model; have {', '.join(t.name for t in tiny)}"
+            )
         tiny = [t for t in tiny if t.name in only]
     if not tiny:
         raise BridgeError(f"no installed plugin ships a tiny model; installed: {plugins.summary()}")
@@ -46,9 +48,13 @@ def run_demo(out: Path | None, only: Sequence[str] | None = None) -> int:
         exported = time.perf_counter()
         report = compare_checkpoints(work / "hf", work / "hf-out")
         params = sum(t.numel() for c in megatron for t in c.parameters())
-        rows.append((model.name, bridge.plugin.name, len(report.rows), params, imported - start,
-                     exported - imported, report))
-    print(f"\n{'tiny model':18s} {'plugin':14s} {'HF tensors':>10s} {'params':>10s} {'import s':>9s} {'export s':>9s}  round trip")
+        rows.append(
+            (model.name, bridge.plugin.name, len(report.rows), params, imported - start, exported - imported, report)
+        )
+    print(
+        f"\n{'tiny model':18s} {'plugin':14s} {'HF tensors':>10s} {'params':>10s}"
+        f" {'import s':>9s} {'export s':>9s}  round trip"
+    )
     for name, plugin, tensors, params, t_import, t_export, report in rows:
         verdict = "bit-exact" if report.exact else f"{sum(r.status != 'exact' for r in report.rows)} tensors differ"
         print(f"{name:18s} {plugin:14s} {tensors:10d} {params:10,d} {t_import:9.2f} {t_export:9.2f}  {verdict}")

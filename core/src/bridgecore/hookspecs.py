@@ -119,7 +119,9 @@ def hf_reference(hf_config: dict[str, Any]) -> Any:
 
 
 @hookspec
-def prepare_model(model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable, source: Source | None) -> None:
+def prepare_model(
+    model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable, source: Source | None
+) -> None:
     """Adjust a freshly built Megatron model (one PP stage) before weights are loaded.
 
     Every plugin is asked. ``table`` holds every mapping (weights and ``quant_mappings``);

@@ -95,7 +95,9 @@ class Plugins:
         if not owners:
             hint = KNOWN_FAMILIES.get(arch)
             tip = f"; pip install {hint}" if hint else ""
-            raise BridgeError(f"{where}: no installed plugin claims architecture {arch}; installed: {self.summary()}{tip}")
+            raise BridgeError(
+                f"{where}: no installed plugin claims architecture {arch}; installed: {self.summary()}{tip}"
+            )
         return owners[0]
 
     def summary(self) -> str:

@@ -32,7 +32,9 @@ def write_checkpoint(out: Path, config: dict[str, Any], tensors: dict[str, torch
     names = list(tensors)
     shards = max(1, min(shards, len(names)))
     if shards == 1:
-        save_file({n: tensors[n].contiguous() for n in names}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {n: tensors[n].contiguous() for n in names}, str(out / "model.safetensors"), metadata={"format": "pt"}
+        )
         return
     per = -(-len(names) // shards)
     weight_map, total = {}, 0
@@ -46,6 +48,8 @@ def write_checkpoint(out: Path, config: dict[str, Any], tensors: dict[str, torch
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def random_tensor(shape: tuple[int, ...] | list[int], dtype: torch.dtype, generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+def random_tensor(
+    shape: tuple[int, ...] | list[int], dtype: torch.dtype, generator: torch.Generator, std: float = 0.02
+) -> torch.Tensor:
     """Normal(0, std) values, drawn in fp32 then cast: the same bits for the same seed everywhere."""
     return (torch.randn(tuple(shape), generator=generator) * std).to(dtype)

@@ -37,7 +37,7 @@ def read_config(hf_dir: Path) -> dict:
         raise BridgeError(f"{path}: top level is a JSON {type(config).__name__}; expected an object")
     architectures = config.get("architectures", [])
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-        raise BridgeError(f"{path}: \"architectures\" is {json.dumps(architectures)[:80]}; expected a list of strings")
+        raise BridgeError(f'{path}: "architectures" is {json.dumps(architectures)[:80]}; expected a list of strings')
     return config
 
 

@@ -64,7 +64,9 @@ def parse_header(raw: bytes, path: Path, file_size: int) -> Header:
     if length > MAX_HEADER_BYTES:
         raise BridgeError(f"{path}: header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit; file is corrupt")
     if 8 + length > file_size or len(raw) < 8 + length:
-        raise BridgeError(f"{path}: header length {length} runs past the end of the {file_size}-byte file; file is truncated")
+        raise BridgeError(
+            f"{path}: header length {length} runs past the end of the {file_size}-byte file; file is truncated"
+        )
     document = _decode_json(raw[8 : 8 + length], path)
     metadata = _metadata(document.pop(METADATA_KEY, {}), path)
     data_start = 8 + length

@@ -62,7 +62,8 @@ class CheckpointReader:
         entry = self._entry(name)
         if entry.code not in TORCH_DTYPES:
             raise BridgeError(
-                f"{self.file_of(name)}: tensor {name!r} is {entry.code}, a packed sub-byte dtype bridgecore does not read"
+                f"{self.file_of(name)}: tensor {name!r} is {entry.code},"
+                " a packed sub-byte dtype bridgecore does not read"
             )
         return TORCH_DTYPES[entry.code]
 
@@ -106,7 +107,7 @@ def _normalized(index: tuple[slice | int, ...], shape: tuple[int, ...], where: s
     if len(index) > len(shape):
         raise BridgeError(f"{where}: index {index} has {len(index)} entries for a {len(shape)}-dim tensor")
     normalized: list[slice | int] = []
-    for dim, (item, size) in enumerate(zip(index, shape)):
+    for dim, (item, size) in enumerate(zip(index, shape, strict=False))  # a short index leaves trailing dims whole:
         if isinstance(item, int) and not isinstance(item, bool):
             if not -size <= item < size:
                 raise BridgeError(f"{where}: index {item} on dim {dim} is outside size {size}")
@@ -175,7 +176,7 @@ def _weight_map(index_path: Path) -> dict[str, str]:
         raise BridgeError(f"{index_path}: cannot be read as UTF-8 text ({err})") from None
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise BridgeError(f"{index_path}: expected an object with a \"weight_map\" object of tensor name -> file name")
+        raise BridgeError(f'{index_path}: expected an object with a "weight_map" object of tensor name -> file name')
     return weight_map
 
 
@@ -191,7 +192,9 @@ def _contained(hf_dir: Path, file_name: str, listed_in: Path) -> Path:
         raise BridgeError(f"{listed_in}: names shard {file_name!r}, which is not a file in {hf_dir}")
     real = path.resolve()
     if not any(real.is_relative_to(root) for root in _allowed_roots(hf_dir)):
-        raise BridgeError(f"{path}: is a symlink to {real}, outside the checkpoint directory; expected a file inside it")
+        raise BridgeError(
+            f"{path}: is a symlink to {real}, outside the checkpoint directory; expected a file inside it"
+        )
     return path
 
 

@@ -32,7 +32,18 @@ DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 FILE_METADATA = {"format": "pt"}
 #: Linux writes at most this much per write call; larger buffers go in pieces.
 _MAX_WRITE = 1 << 30
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 PlanEntry = tuple[str, Sequence[int], torch.dtype]
 #: What one process wrote: (tensor name, expert slab or None for the whole tensor).
@@ -106,7 +117,9 @@ class ShardedWriter:
         for shard in writer.shards:
             path = writer.temp_dir / shard.file
             if not path.is_file() or path.stat().st_size != shard.size:
-                raise BridgeError(f"{path}: missing or not {shard.size} bytes; expected the file `create` made for this plan")
+                raise BridgeError(
+                    f"{path}: missing or not {shard.size} bytes; expected the file `create` made for this plan"
+                )
         return writer
 
     def create(self) -> Path:

@@ -273,9 +273,7 @@ class Concat(Segmented):
         self.components = [tuple(c) for c in components]
 
     def hf_sizes(self, sizes: list[int]) -> list[int]:
-        expected = [
-            sum(length for src, _, length in self.components if src == i) for i in range(len(self.hf))
-        ]
+        expected = [sum(length for src, _, length in self.components if src == i) for i in range(len(self.hf))]
         if len(sizes) == len(expected) and sizes != expected:
             raise BridgeError(f"{self}: HF sizes along dim {self.dim} are {sizes}, expected {expected}")
         if len(sizes) == 1 and len(expected) > 1 and sizes[0] != sum(expected):
@@ -333,9 +331,7 @@ class FusedQKV(Segmented):
         elif self.gate == "headwise":
             expected.append(h)
         if len(sizes) == len(expected) and sizes != expected:
-            raise BridgeError(
-                f"{self}: HF rows {sizes}, expected {expected} for {h} heads, {g} groups, head dim {d}"
-            )
+            raise BridgeError(f"{self}: HF rows {sizes}, expected {expected} for {h} heads, {g} groups, head dim {d}")
         megatron_rows = (2 * h + 2 * g) * d if self.gate else (h + 2 * g) * d
         if len(sizes) == 1 and sizes[0] != megatron_rows:
             raise BridgeError(f"{self}: Megatron has {sizes[0]} rows, expected {megatron_rows}")

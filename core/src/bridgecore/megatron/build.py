@@ -12,7 +12,9 @@ from bridgecore.megatron.config import ModelConfig
 from bridgecore.megatron.specs import ModelSpec, gpt_mtp_spec
 
 
-def build_chunks(config: ModelConfig, spec_for_stage: Callable[[int | None], Any], meta: bool = False) -> list[torch.nn.Module]:
+def build_chunks(
+    config: ModelConfig, spec_for_stage: Callable[[int | None], Any], meta: bool = False
+) -> list[torch.nn.Module]:
     """One model per virtual pipeline stage of this rank (a single one without VPP), in eval mode.
 
     With ``meta`` the tensors have shapes and no storage: enough to plan and to list names.
@@ -28,7 +30,10 @@ def build_chunks(config: ModelConfig, spec_for_stage: Callable[[int | None], Any
             decoder, mtp = spec.decoder, spec.mtp
         else:
             layers = getattr(spec, "layer_specs", None)
-            decoder, mtp = spec, gpt_mtp_spec(config, layers[-1] if layers else spec, vp_stage) if config.mtp_num_layers else None
+            decoder, mtp = (
+                spec,
+                gpt_mtp_spec(config, layers[-1] if layers else spec, vp_stage) if config.mtp_num_layers else None,
+            )
         with cpu_compat("meta" if meta else "cpu"):
             model = config.build_model(
                 decoder,

@@ -12,11 +12,11 @@ only when complete.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import os
 import pickle
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,14 @@ def sharded_state_dict(chunk: torch.nn.Module) -> dict[str, Any]:
     return chunk.sharded_state_dict(metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)})
 
 
-def save_dist(chunks: list[torch.nn.Module], out_dir: Path, meta: dict[str, Any], side_files_from: Path | None,
-              overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> None:
+def save_dist(
+    chunks: list[torch.nn.Module],
+    out_dir: Path,
+    meta: dict[str, Any],
+    side_files_from: Path | None,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> None:
     """Save this rank's chunks into ``out_dir`` with every other rank (a collective).
 
     ``extra(temp_dir)`` runs on rank 0 before the directory is moved into place, to add files."""
@@ -59,6 +65,7 @@ def save_dist(chunks: list[torch.nn.Module], out_dir: Path, meta: dict[str, Any]
     parallel.collective(check_target, out_dir, overwrite)
     temp = Path(parallel.broadcast_object(str(out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")))
     try:
+
         def prepare() -> None:
             if parallel.rank() == 0:
                 (temp / RELEASE).mkdir(parents=True)
@@ -125,8 +132,11 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
 #: torch.distributed.checkpoint reads ``.metadata`` with plain ``pickle.load``; these are the only
 #: globals a genuine one refers to (besides torch dtypes), so anything else is refused unread.
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):

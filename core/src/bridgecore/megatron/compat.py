@@ -1,12 +1,13 @@
 """What megatron-core needs to build and run on a machine without CUDA, in one scoped place.
 
-megatron-core 0.16 asks ``torch.cuda.current_device()`` for the device of buffers it creates
-(router expert bias, RoPE frequencies, attention masks), moves the shared embedding of the first and
-last pipeline stages to CUDA, synchronizes CUDA around checkpoint writes and forks the CUDA RNG tracker around
-dropout regions; its router gating (``moe_utils``) reads a Transformer-Engine symbol that is never
-defined without Transformer Engine. Inside :func:`cpu_compat` the first answers the CPU device, the second has nothing to wait for, the RNG fork is a
-no-op (conversion draws no random numbers) and the third is defined as absent. Nothing is patched outside the ``with`` block, and
-nothing is patched at all when CUDA is available.
+megatron-core asks ``torch.cuda.current_device()`` for the device of buffers it creates (router
+expert bias, RoPE frequencies, attention masks), moves the shared embedding of the first and last
+pipeline stages to CUDA, synchronizes CUDA around checkpoint writes and forks the CUDA RNG tracker
+around dropout regions; its router gating (``moe_utils``) reads a Transformer-Engine symbol that is
+never defined without Transformer Engine. Inside :func:`cpu_compat` the current device is the CPU
+(or meta) device, synchronizing has nothing to wait for, ``Tensor.cuda()`` keeps a tensor where it
+is, the RNG fork is a no-op (conversion draws no random numbers) and the symbol is defined as
+absent. Nothing is patched outside the ``with`` block, and nothing at all when CUDA is available.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def cpu_compat(device: str = "cpu") -> Iterator[None]:
         # With PP>1 and tied embeddings or MTP, megatron moves the embedding to CUDA to all-reduce
         # it between the first and last stage; gloo reduces it where it is.
         stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *args, **kwargs: self))
-        stack.enter_context(mock.patch.object(CudaRNGStatesTracker, "fork", lambda self, name=None: contextlib.nullcontext()))
+        stack.enter_context(
+            mock.patch.object(CudaRNGStatesTracker, "fork", lambda self, name=None: contextlib.nullcontext())
+        )
         stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
         if device == "meta":
             stack.enter_context(torch.device("meta"))

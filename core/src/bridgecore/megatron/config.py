@@ -41,8 +41,9 @@ class ModelConfig(TransformerConfig):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
 
-    def build_model(self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool,
-                    vp_stage: int | None) -> torch.nn.Module:
+    def build_model(
+        self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool, vp_stage: int | None
+    ) -> torch.nn.Module:
         """The model of one pipeline stage. Multimodal families override this."""
         from megatron.core.models.gpt import GPTModel
 

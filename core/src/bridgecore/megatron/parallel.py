@@ -147,7 +147,11 @@ def collective(fn: Any, *args: Any, **kwargs: Any) -> Any:
         result = fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
-    message = None if error is None else (str(error) if isinstance(error, BridgeError) else f"{type(error).__name__}: {error}")
+    message = (
+        None
+        if error is None
+        else (str(error) if isinstance(error, BridgeError) else f"{type(error).__name__}: {error}")
+    )
     failures = [(r, m) for r, m in enumerate(all_gather_objects(message)) if m]
     if error is not None:
         raise error

@@ -99,7 +99,11 @@ def local_tensors(chunks: list[torch.nn.Module], config: Any) -> list[LocalTenso
             is_expert = ".experts." in local
             partitioned = dim is not None
             shard = (etp if is_expert else tp) if partitioned else Shard()
-            group = (ps.get_expert_tensor_parallel_group() if is_expert else ps.get_tensor_model_parallel_group()) if partitioned else None
+            group = (
+                (ps.get_expert_tensor_parallel_group() if is_expert else ps.get_tensor_model_parallel_group())
+                if partitioned
+                else None
+            )
             out.append(
                 LocalTensor(
                     name=global_name(local, layer_offset, mtp_offset, expert_offset),

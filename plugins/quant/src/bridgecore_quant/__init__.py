@@ -32,15 +32,23 @@ def quant_mappings(config: ModelConfig, mappings: list[Mapping]) -> list[Mapping
 
 
 @hookimpl
-def prepare_model(model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable,
-                  source: Source | None) -> None:
+def prepare_model(
+    model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable, source: Source | None
+) -> None:
     """Attach quantizer state to one PP stage for every amax the checkpoint (or its record) has."""
     from megatron.core import parallel_state as ps
 
     if source is None or not has_amax(hf_keys):
         return
-    attach_quantizers(model, table, source, hf_keys, global_namer(model, config),
-                      ps.get_tensor_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+    attach_quantizers(
+        model,
+        table,
+        source,
+        hf_keys,
+        global_namer(model, config),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
+    )
 
 
 @hookimpl

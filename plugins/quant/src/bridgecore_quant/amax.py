@@ -88,7 +88,9 @@ class Amax(Mapping):
         if not any(is_per_tensor(s) for s in shapes):
             return self.layout.to_megatron(source, captures, shard)
         if len(set(shapes)) > 1:
-            raise BridgeError(f"{names[0]}: one Megatron quantizer serves {', '.join(names)}, but their amax shapes differ: {shapes}")
+            raise BridgeError(
+                f"{names[0]}: one Megatron quantizer serves {', '.join(names)}, but their amax shapes differ: {shapes}"
+            )
         first = source.read(names[0], ())
         for name in names[1:]:
             other = source.read(name, ())

@@ -80,7 +80,9 @@ def _nvfp4(reader: CheckpointReader, module: str) -> Tensors:
 
 def _nvfp4_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], input_amax: tuple[int, ...]) -> Planned:
     if weight[-1] % numerics.NVFP4_BLOCK:
-        raise BridgeError(f"{module}.weight: {weight[-1]} input features do not split into NVFP4 blocks of {numerics.NVFP4_BLOCK}")
+        raise BridgeError(
+            f"{module}.weight: {weight[-1]} input features do not split into NVFP4 blocks of {numerics.NVFP4_BLOCK}"
+        )
     yield f"{module}.weight", (*weight[:-1], weight[-1] // 2), torch.uint8
     yield f"{module}.weight_scale", (*weight[:-1], weight[-1] // numerics.NVFP4_BLOCK), torch.float8_e4m3fn
     yield f"{module}.weight_scale_2", amax, torch.float32
@@ -124,7 +126,9 @@ def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: set
             module, weight = module_of(key), reader.shape(key)
             for amax in (f"{module}.{WEIGHT_AMAX}", f"{module}.{INPUT_AMAX}"):
                 _check_amax(reader, amax, weight)
-            yield from _PLANS[fmt](module, weight, reader.shape(f"{module}.{WEIGHT_AMAX}"), reader.shape(f"{module}.{INPUT_AMAX}"))
+            yield from _PLANS[fmt](
+                module, weight, reader.shape(f"{module}.{WEIGHT_AMAX}"), reader.shape(f"{module}.{INPUT_AMAX}")
+            )
         else:
             yield key, reader.shape(key), reader.dtype(key)
 
@@ -173,8 +177,13 @@ def config_quantization(hf_quant: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export(fmt: str, src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
-           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export(
+    fmt: str,
+    src_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write the ``fmt`` checkpoint of the calibrated HF checkpoint ``src_dir`` to ``out_dir``."""
     if fmt not in _QUANTIZERS:
         raise BridgeError(f"--quant {fmt}: unknown format; this plugin writes {', '.join(sorted(_QUANTIZERS))}")
@@ -184,7 +193,9 @@ def export(fmt: str, src_dir: str | Path, out_dir: str | Path, overwrite: bool =
         keys = reader.keys()
         quantized = _quantized_modules(keys)
         if not quantized:
-            raise BridgeError(f"{src_dir}: no tensor ends in .{WEIGHT_AMAX}; export a calibrated model (with quantizer state) first")
+            raise BridgeError(
+                f"{src_dir}: no tensor ends in .{WEIGHT_AMAX}; export a calibrated model (with quantizer state) first"
+            )
         hf_quant = quant_config(fmt, keys, quantized)
         config = json.loads((src_dir / "config.json").read_text())
         config["quantization_config"] = config_quantization(hf_quant)
@@ -207,11 +218,19 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def export_fp8(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
-               max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_fp8(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     return export("fp8", src_dir, out_dir, overwrite, max_shard_size)
 
 
-def export_nvfp4(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
-                 max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_nvfp4(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     return export("nvfp4", src_dir, out_dir, overwrite, max_shard_size)

@@ -127,8 +127,9 @@ def _save_quantizers_with(owner: torch.nn.Module) -> None:
         state = {f"{n}._amax": q._amax for n, q in quantizers.items()}
         axes = {f"{n}._amax": q.partition_dim for n, q in quantizers.items() if q.partition_dim is not None}
         tp_group = getattr(owner, "tp_group", None) or ps.get_tensor_model_parallel_group()
-        out |= make_sharded_tensors_for_checkpoint(state, prefix, axes, sharded_offsets, tp_group=tp_group,
-                                                   dp_cp_group=metadata["dp_cp_group"])
+        out |= make_sharded_tensors_for_checkpoint(
+            state, prefix, axes, sharded_offsets, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
+        )
         return out
 
     owner.sharded_state_dict = sharded_state_dict
@@ -150,5 +151,3 @@ def global_namer(model: torch.nn.Module, config: Any) -> Callable[[str], str]:
     ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
     expert_offset = ep_rank * (experts // ep) if experts else 0
     return lambda local: global_name(local, layer_offset, mtp_offset, expert_offset)
-
-

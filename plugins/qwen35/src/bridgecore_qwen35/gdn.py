@@ -25,10 +25,16 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  activation: str | None = None, initial_state: torch.Tensor | None = None,
-                  output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                  **_: object) -> tuple[torch.Tensor, None]:
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
     """fla's ``causal_conv1d`` on [b, s, d] with a [d, w] weight, without cache or packed sequences."""
     if initial_state is not None or output_final_state or cu_seqlens is not None:
         raise NotImplementedError("causal_conv1d on CPU: no conv state and no packed sequences")
@@ -47,8 +53,12 @@ def torch_gdn_kernels() -> Iterator[None]:
     if gdn.HAVE_FLA and torch.cuda.is_available():
         yield
         return
-    kernels = {"HAVE_FLA": True, "l2norm": l2norm, "causal_conv1d": causal_conv1d,
-               "chunk_gated_delta_rule": gdn.torch_chunk_gated_delta_rule}
+    kernels = {
+        "HAVE_FLA": True,
+        "l2norm": l2norm,
+        "causal_conv1d": causal_conv1d,
+        "chunk_gated_delta_rule": gdn.torch_chunk_gated_delta_rule,
+    }
     modules = [gdn, *(getattr(gdn, name) for name in ("common", "gdn") if hasattr(gdn, name))]
     with contextlib.ExitStack() as stack:
         for module in modules:

@@ -51,8 +51,10 @@ def experts_packed(hf_keys: Iterable[str], prefix: str) -> bool:
     packed = any(k.endswith(".mlp.experts.gate_up_proj") for k in keys)
     per_expert = any(k.endswith(".gate_proj.weight") for k in keys)
     if packed and per_expert:
-        raise BridgeError(f"checkpoint stores the experts under {prefix}* both packed (experts.gate_up_proj)"
-                          " and per expert (experts.N.gate_proj.weight); expected one form")
+        raise BridgeError(
+            f"checkpoint stores the experts under {prefix}* both packed (experts.gate_up_proj)"
+            " and per expert (experts.N.gate_proj.weight); expected one form"
+        )
     return packed or not keys
 
 
@@ -61,9 +63,17 @@ def _attention(meg: str, hf: str, config: Any, layers: list[int] | None) -> list
     h = f"{hf}.self_attn."
     return [
         Replicated(f"{a}linear_qkv.layer_norm_weight", f"{hf}.input_layernorm.weight", layers=layers),
-        FusedQKV(f"{a}linear_qkv.weight", f"{h}q_proj.weight", f"{h}k_proj.weight", f"{h}v_proj.weight",
-                 heads=config.num_attention_heads, groups=config.num_query_groups, head_dim=config.kv_channels,
-                 gate="in_q", layers=layers),
+        FusedQKV(
+            f"{a}linear_qkv.weight",
+            f"{h}q_proj.weight",
+            f"{h}k_proj.weight",
+            f"{h}v_proj.weight",
+            heads=config.num_attention_heads,
+            groups=config.num_query_groups,
+            head_dim=config.kv_channels,
+            gate="in_q",
+            layers=layers,
+        ),
         Replicated(f"{a}q_layernorm.weight", f"{h}q_norm.weight", layers=layers),
         Replicated(f"{a}k_layernorm.weight", f"{h}k_norm.weight", layers=layers),
         RowParallel(f"{a}linear_proj.weight", f"{h}o_proj.weight", layers=layers),
@@ -78,13 +88,18 @@ def _gdn(meg: str, hf: str, config: Any, layers: list[int]) -> list[Mapping]:
     heads = config.linear_num_value_heads
     return [
         Replicated(f"{a}in_proj.layer_norm_weight", f"{hf}.input_layernorm.weight", layers=layers),
-        Concat(f"{a}in_proj.weight",
-               [f"{h}in_proj_qkv.weight", f"{h}in_proj_z.weight", f"{h}in_proj_b.weight", f"{h}in_proj_a.weight"],
-               components=[(0, 0, key), (0, key, key), (0, 2 * key, value), (1, 0, value), (2, 0, heads),
-                           (3, 0, heads)],
-               layers=layers),
-        Concat(f"{a}conv1d.weight", [f"{h}conv1d.weight"],
-               components=[(0, 0, key), (0, key, key), (0, 2 * key, value)], layers=layers),
+        Concat(
+            f"{a}in_proj.weight",
+            [f"{h}in_proj_qkv.weight", f"{h}in_proj_z.weight", f"{h}in_proj_b.weight", f"{h}in_proj_a.weight"],
+            components=[(0, 0, key), (0, key, key), (0, 2 * key, value), (1, 0, value), (2, 0, heads), (3, 0, heads)],
+            layers=layers,
+        ),
+        Concat(
+            f"{a}conv1d.weight",
+            [f"{h}conv1d.weight"],
+            components=[(0, 0, key), (0, key, key), (0, 2 * key, value)],
+            layers=layers,
+        ),
         ColumnParallel(f"{a}A_log", f"{h}A_log", layers=layers),
         ColumnParallel(f"{a}dt_bias", f"{h}dt_bias", layers=layers),
         Shifted(Replicated(f"{a}out_norm.weight", f"{h}norm.weight", layers=layers), -1.0),
@@ -102,7 +117,10 @@ def _dense_mlp(meg: str, hf: str) -> list[Mapping]:
 
 def _moe(meg: str, hf: str, config: Any, packed: bool) -> list[Mapping]:
     m, h = f"{meg}.mlp.", f"{hf}.mlp."
-    fc1, fc2 = f"{m}experts.local_experts.{{expert}}.linear_fc1.weight", f"{m}experts.local_experts.{{expert}}.linear_fc2.weight"
+    fc1, fc2 = (
+        f"{m}experts.local_experts.{{expert}}.linear_fc1.weight",
+        f"{m}experts.local_experts.{{expert}}.linear_fc2.weight",
+    )
     if packed:
         experts = [
             Stacked(PackedGatedMLP(fc1, f"{h}experts.gate_up_proj"), config.num_moe_experts),

@@ -29,13 +29,15 @@ class Qwen35Config(ModelConfig):
     whatever the checkpoint stores; GatedDeltaNet computes with them in fp32 anyway.
     """
 
-    def build_model(self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool,
-                    vp_stage: int | None) -> torch.nn.Module:
+    def build_model(
+        self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool, vp_stage: int | None
+    ) -> torch.nn.Module:
         from megatron.core.ssm.gated_delta_net import GatedDeltaNet
 
         with torch_gdn_kernels():
-            model = super().build_model(spec, mtp_spec, pre_process=pre_process, post_process=post_process,
-                                        vp_stage=vp_stage)
+            model = super().build_model(
+                spec, mtp_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+            )
         for module in model.modules():
             if isinstance(module, GatedDeltaNet):
                 for param in (module.A_log, module.dt_bias, module.out_norm.weight):

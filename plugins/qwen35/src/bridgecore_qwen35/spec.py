@@ -33,9 +33,21 @@ class NormColumnParallelLinear(MegatronModule):
     tensor-parallel attributes. Sequence parallelism and gathered output are not supported.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config: Any, init_method: Any, bias: bool,
-                 skip_bias_add: bool, gather_output: bool = False, is_expert: bool = False, stride: int = 1,
-                 tp_group: Any = None, **_: Any):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: Any,
+        init_method: Any,
+        bias: bool,
+        skip_bias_add: bool,
+        gather_output: bool = False,
+        is_expert: bool = False,
+        stride: int = 1,
+        tp_group: Any = None,
+        **_: Any,
+    ):
         from megatron.core.tensor_parallel.layers import (
             set_tensor_model_parallel_attributes,
         )
@@ -83,8 +95,14 @@ class NormColumnParallelLinear(MegatronModule):
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0, "bias": 0}, sharded_offsets,
-                                                   tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        return make_sharded_tensors_for_checkpoint(
+            state,
+            prefix,
+            {"weight": 0, "bias": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 class LocalFusedBackend(LocalSpecProvider):

@@ -142,8 +142,12 @@ class _Writer:
         for norm in ("norm1", "norm2"):
             self.norm(f"{b}{norm}.weight", width, centre=1.0)
             self.weight(f"{b}{norm}.bias", width)
-        for name, rows, cols in (("attn.qkv", 3 * width, width), ("attn.proj", width, width),
-                                 ("mlp.linear_fc1", 2 * width, width), ("mlp.linear_fc2", width, 2 * width)):
+        for name, rows, cols in (
+            ("attn.qkv", 3 * width, width),
+            ("attn.proj", width, width),
+            ("mlp.linear_fc1", 2 * width, width),
+            ("mlp.linear_fc2", width, 2 * width),
+        ):
             self.weight(f"{b}{name}.weight", rows, cols)
             self.weight(f"{b}{name}.bias", rows)
         self.norm(f"{p}merger.norm.weight", width, centre=1.0)
@@ -154,8 +158,9 @@ class _Writer:
         self.weight(f"{p}merger.linear_fc2.bias", HIDDEN)
 
 
-def _tensors(prefix: str, moe: bool, packed: bool, mtp_packed: bool, tied: bool, dtype: torch.dtype,
-             seed: int) -> dict[str, torch.Tensor]:
+def _tensors(
+    prefix: str, moe: bool, packed: bool, mtp_packed: bool, tied: bool, dtype: torch.dtype, seed: int
+) -> dict[str, torch.Tensor]:
     w = _Writer(dtype, seed)
     w.weight(f"{prefix}embed_tokens.weight", VOCAB, HIDDEN, std=1.0 / math.sqrt(HIDDEN))
     for i in range(LAYERS):
@@ -173,16 +178,24 @@ def _tensors(prefix: str, moe: bool, packed: bool, mtp_packed: bool, tied: bool,
 
 def write_dense(out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
     """Qwen3.5 dense, text-only (`Qwen3_5ForCausalLM`), tied embeddings as in the small releases."""
-    config = {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text",
-              **_text_config(moe=False), "tie_word_embeddings": True}
+    config = {
+        "architectures": ["Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5_text",
+        **_text_config(moe=False),
+        "tie_word_embeddings": True,
+    }
     config["dtype"] = str(dtype).removeprefix("torch.")
     write_checkpoint(out, config, _tensors("model.", False, False, False, True, dtype, seed=35))
 
 
 def write_moe(out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
     """Qwen3.5 MoE, text-only (`Qwen3_5MoeForCausalLM`), per-expert tensors (decoder and MTP), untied."""
-    config = {"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text",
-              **_text_config(moe=True), "tie_word_embeddings": False}
+    config = {
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "model_type": "qwen3_5_moe_text",
+        **_text_config(moe=True),
+        "tie_word_embeddings": False,
+    }
     config["dtype"] = str(dtype).removeprefix("torch.")
     write_checkpoint(out, config, _tensors("model.", True, False, False, False, dtype, seed=36))
 
@@ -195,11 +208,22 @@ def write_moe_vl(out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
         "architectures": ["Qwen3_5MoeForConditionalGeneration"],
         "model_type": "qwen3_5_moe",
         "text_config": text,
-        "vision_config": {"model_type": "qwen3_5_moe_vision", "depth": 1, "hidden_size": 16, "num_heads": 2,
-                          "intermediate_size": 32, "patch_size": 4, "temporal_patch_size": 2,
-                          "spatial_merge_size": 2, "out_hidden_size": HIDDEN, "num_position_embeddings": 16},
-        "image_token_id": VOCAB - 4, "video_token_id": VOCAB - 3,
-        "vision_start_token_id": VOCAB - 2, "vision_end_token_id": VOCAB - 1,
+        "vision_config": {
+            "model_type": "qwen3_5_moe_vision",
+            "depth": 1,
+            "hidden_size": 16,
+            "num_heads": 2,
+            "intermediate_size": 32,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "out_hidden_size": HIDDEN,
+            "num_position_embeddings": 16,
+        },
+        "image_token_id": VOCAB - 4,
+        "video_token_id": VOCAB - 3,
+        "vision_start_token_id": VOCAB - 2,
+        "vision_end_token_id": VOCAB - 1,
         "tie_word_embeddings": False,
     }
     tensors = _tensors("model.language_model.", True, True, True, False, dtype, seed=37)
@@ -209,10 +233,16 @@ def write_moe_vl(out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
 
 
 TINY_MODELS = [
-    TinyModel("qwen35-dense", "Qwen3.5 dense: 3 GDN + 1 gated attention layer, dense MLP, MTP, tied embeddings",
-              write_dense),
-    TinyModel("qwen35-moe", "Qwen3.5 MoE: hybrid GDN, 4 experts per-expert on disk + gated shared expert, MTP",
-              write_moe),
-    TinyModel("qwen36-moe-vl", "Qwen3.6 MoE VL: language model under model.language_model., packed experts"
-              " (decoder and MTP), vision tower (not converted)", write_moe_vl),
+    TinyModel(
+        "qwen35-dense", "Qwen3.5 dense: 3 GDN + 1 gated attention layer, dense MLP, MTP, tied embeddings", write_dense
+    ),
+    TinyModel(
+        "qwen35-moe", "Qwen3.5 MoE: hybrid GDN, 4 experts per-expert on disk + gated shared expert, MTP", write_moe
+    ),
+    TinyModel(
+        "qwen36-moe-vl",
+        "Qwen3.6 MoE VL: language model under model.language_model., packed experts"
+        " (decoder and MTP), vision tower (not converted)",
+        write_moe_vl,
+    ),
 ]

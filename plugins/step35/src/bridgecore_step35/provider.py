@@ -211,6 +211,7 @@ def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35
         )
 
     dtype = _dtype(cfg)
+
     def floats(key: str, default: float, by_type: bool = True) -> list[float]:
         return [float(v or 0) for v in _layer_list(cfg, key, default, types, layers, by_type)]
 

@@ -54,8 +54,9 @@ class LayerRotaryEmbedding(RotaryEmbedding):
 class Step35Layer(TransformerLayer):
     """A decoder or MTP layer built from its own per-layer config (global index from `layer_number`)."""
 
-    def __init__(self, config: Step35Config, submodules: Any, layer_number: int = 1, vp_stage: int | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, config: Step35Config, submodules: Any, layer_number: int = 1, vp_stage: int | None = None, **kwargs: Any
+    ):
         if kwargs.get("is_mtp_layer"):
             # megatron-core >= 0.19 numbers an MTP block's inner layer by its MTP depth (from 1) and
             # says so with `is_mtp_layer`; 0.16 continued the decoder's numbering (next branch).
@@ -105,8 +106,15 @@ class WindowedDotProductAttention(DotProductAttention):
         self.window = self.scale_mask_softmax.window_size
         self.scale_mask_softmax.window_size = None
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if self.window is not None:
             sq, sk = query.shape[0], key.shape[0]
             keep = torch.ones(sq, sk, dtype=torch.bool, device=query.device)
@@ -128,8 +136,9 @@ class ClampedSwiGLUMLP(MLP):
     def limit(self) -> float | None:
         return self.config.swiglu_limit if self.routed else self.config.swiglu_limit_shared
 
-    def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         limit = self.limit
         if limit is None:
             return super().forward(hidden_states, per_token_scale, **kwargs)

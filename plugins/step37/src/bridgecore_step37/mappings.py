@@ -21,11 +21,32 @@ VISION_MODEL = "vision_model."
 PROJECTOR = "image_insert_embedding.align_projector."
 HF_PROJECTOR = "vit_large_projector."
 
-_TOWER = ("conv1.weight", "positional_embedding", "ln_pre.weight", "ln_pre.bias",
-          "vit_downsampler1.weight", "vit_downsampler1.bias", "vit_downsampler2.weight", "vit_downsampler2.bias")
-_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-          "attn.out_proj.bias", "ls_1.gamma", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-          "mlp.c_proj.weight", "mlp.c_proj.bias", "ls_2.gamma")
+_TOWER = (
+    "conv1.weight",
+    "positional_embedding",
+    "ln_pre.weight",
+    "ln_pre.bias",
+    "vit_downsampler1.weight",
+    "vit_downsampler1.bias",
+    "vit_downsampler2.weight",
+    "vit_downsampler2.bias",
+)
+_BLOCK = (
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ls_1.gamma",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+    "ls_2.gamma",
+)
 
 
 def is_resaved(hf_keys: Collection[str]) -> bool:
@@ -45,6 +66,7 @@ def vision_mappings(config: Step37Config, hf_prefix: str) -> list[Mapping]:
 
 def step37_mappings(config: Step37Config, hf_keys: Collection[str]) -> list[Mapping]:
     resaved = is_resaved(hf_keys)
-    text = step35_mappings(config, hf_keys, hf_prefix=HF_PREFIXES[1] if resaved else HF_PREFIXES[0],
-                           megatron_prefix=LANGUAGE_MODEL)
+    text = step35_mappings(
+        config, hf_keys, hf_prefix=HF_PREFIXES[1] if resaved else HF_PREFIXES[0], megatron_prefix=LANGUAGE_MODEL
+    )
     return text + vision_mappings(config, "model." if resaved else "")

@@ -108,15 +108,16 @@ class Step37Config(Step35Config):
         """Width of the tower's output tokens: each stride-2 downsampler doubles the channels."""
         return self.vision.width * 4
 
-    def build_model(self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool,
-                    vp_stage: int | None) -> torch.nn.Module:
+    def build_model(
+        self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool, vp_stage: int | None
+    ) -> torch.nn.Module:
         from bridgecore_step37.vision import Step37Model
 
-        return Step37Model(self, spec, mtp_spec, pre_process=pre_process, post_process=post_process,
-                           vp_stage=vp_stage)
+        return Step37Model(self, spec, mtp_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
-    def forward_logits(self, model: torch.nn.Module, input_ids: torch.Tensor,
-                       pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_logits(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [batch, seq, vocab]; with `pixel_values` the image tokens carry image features."""
         from bridgecore_step37.vision import multimodal_logits
 
@@ -142,4 +143,3 @@ def step37_model_config(hf_config: dict[str, Any]) -> Step37Config:
         image_token_id=int(hf_config.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)),
         projector_bias=bool(hf_config.get("projector_bias", False)),
     )
-

@@ -98,8 +98,10 @@ def reference_config(hf_config: dict[str, Any]) -> Any:
     vision = vision_config(hf_config["vision_config"])
     config = Step3p7Config(
         text_config={k: v for k, v in hf_config["text_config"].items() if k != "architectures"},
-        vision_config={**hf_config["vision_config"], "rope_parameters": {"rope_type": "axial",
-                                                                         "rope_theta": vision.rope_theta}},
+        vision_config={
+            **hf_config["vision_config"],
+            "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
+        },
         image_token_id=hf_config["image_token_id"],
         projector_bias=bool(hf_config.get("projector_bias", False)),
     )
@@ -126,8 +128,9 @@ def reference_model(hf_dir: str | Path) -> Any:
     return model
 
 
-def step37_reference(hf_dir: str | Path, input_ids: torch.Tensor,
-                     pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+def step37_reference(
+    hf_dir: str | Path, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits [batch, seq, vocab] of the HF reference, with images in place of the image tokens."""
     model = reference_model(hf_dir)
     with torch.no_grad():

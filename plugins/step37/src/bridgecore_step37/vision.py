@@ -114,8 +114,9 @@ class VisionTower(nn.Module):
         super().__init__()
         self.vision = vision
         w = vision.width
-        self.conv1 = nn.Conv2d(vision.num_channels, w, vision.patch_size, stride=vision.patch_size, bias=False,
-                               dtype=dtype)
+        self.conv1 = nn.Conv2d(
+            vision.num_channels, w, vision.patch_size, stride=vision.patch_size, bias=False, dtype=dtype
+        )
         self.positional_embedding = nn.Parameter(torch.empty(vision.grid**2, w, dtype=dtype))
         self.ln_pre = nn.LayerNorm(w, eps=vision.layer_norm_eps, dtype=dtype)
         self.transformer = VisionTransformer(vision, dtype)
@@ -147,8 +148,9 @@ class ImageInsertEmbedding(nn.Module):
 
     def __init__(self, config: Step37Config):
         super().__init__()
-        self.align_projector = nn.Linear(config.projector_input_size, config.hidden_size, bias=config.projector_bias,
-                                         dtype=config.params_dtype)
+        self.align_projector = nn.Linear(
+            config.projector_input_size, config.hidden_size, bias=config.projector_bias, dtype=config.params_dtype
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.align_projector(tokens)
@@ -157,11 +159,20 @@ class ImageInsertEmbedding(nn.Module):
 class Step37Model(MegatronModule):
     """One pipeline stage of Step-3.7: the tower and projector live on the first stage only."""
 
-    def __init__(self, config: Step37Config, spec: object, mtp_spec: object, *, pre_process: bool,
-                 post_process: bool, vp_stage: int | None):
+    def __init__(
+        self,
+        config: Step37Config,
+        spec: object,
+        mtp_spec: object,
+        *,
+        pre_process: bool,
+        post_process: bool,
+        vp_stage: int | None,
+    ):
         super().__init__(config)
-        self.language_model = ModelConfig.build_model(config, spec, mtp_spec, pre_process=pre_process,
-                                                      post_process=post_process, vp_stage=vp_stage)
+        self.language_model = ModelConfig.build_model(
+            config, spec, mtp_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+        )
         if pre_process:
             self.vision_model = VisionTower(config.vision, config.params_dtype)
             self.image_insert_embedding = ImageInsertEmbedding(config)
@@ -170,18 +181,26 @@ class Step37Model(MegatronModule):
         """Projected image tokens [images, tokens, hidden] for pixel_values [images, C, H, W]."""
         return self.image_insert_embedding(self.vision_model(pixel_values))
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
         if pixel_values is not None:
-            embeddings = insert_image_features(embeddings, input_ids, self.image_features(pixel_values),
-                                               self.config.image_token_id)
-        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                   decoder_input=embeddings)
+            embeddings = insert_image_features(
+                embeddings, input_ids, self.image_features(pixel_values), self.config.image_token_id
+            )
+        return self.language_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, decoder_input=embeddings
+        )
 
 
-def insert_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
-                          image_token_id: int) -> torch.Tensor:
+def insert_image_features(
+    embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
     """Put the image tokens' features in place of their embeddings, images in (batch, position) order.
 
     `embeddings` are Megatron's [seq, batch, hidden]; `input_ids` [batch, seq].
