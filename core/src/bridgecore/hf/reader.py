@@ -107,7 +107,8 @@ def _normalized(index: tuple[slice | int, ...], shape: tuple[int, ...], where: s
     if len(index) > len(shape):
         raise BridgeError(f"{where}: index {index} has {len(index)} entries for a {len(shape)}-dim tensor")
     normalized: list[slice | int] = []
-    for dim, (item, size) in enumerate(zip(index, shape, strict=False))  # a short index leaves trailing dims whole:
+    # A short index leaves the trailing dims whole, so the zip stops at the index's end.
+    for dim, (item, size) in enumerate(zip(index, shape, strict=False)):
         if isinstance(item, int) and not isinstance(item, bool):
             if not -size <= item < size:
                 raise BridgeError(f"{where}: index {item} on dim {dim} is outside size {size}")
