@@ -56,7 +56,8 @@ PLUGINS = {
     "step35": (["plugins/step35"], ["tests/step35"]),
     "step37": (["plugins/step35", "plugins/step37"], ["tests/step37"]),
     "qwen35": (["plugins/qwen35"], ["tests/qwen35"]),
-    "quant": (["plugins/quant", "plugins/step35"], ["tests/quant"]),
+    # The quant plugin works for any family: its session installs it with every model plugin.
+    "quant": (["plugins/quant", "plugins/step35", "plugins/step37", "plugins/qwen35"], ["tests/quant"]),
     "all": (
         ["plugins/step35", "plugins/step37", "plugins/qwen35", "plugins/quant"],
         ["tests/reliability", "tests/scale"],

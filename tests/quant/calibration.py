@@ -17,12 +17,17 @@ from safetensors.torch import load_file
 
 from bridgecore.tiny import write_checkpoint
 
-_SKIP = re.compile(r"norm|embed|lm_head|mlp\.gate\.|moe\.gate\.|router|shared_head|conv1d")
-_FUSED = re.compile(r"\.(q|k|v|g)_proj$|\.(gate|up)_proj$")
+# Routers and gates (shared_expert_gate too) and the vision tower stay unquantized, as ModelOpt's
+# LLM recipes leave them.
+_SKIP = re.compile(
+    r"norm|embed|lm_head|mlp\.gate\.|moe\.gate\.|router|shared_head|conv1d|shared_expert_gate|vision_model|vit_"
+)
+_FUSED = re.compile(r"\.(q|k|v|g)_proj$|\.(gate|up)_proj$|\.in_proj_(qkv|z|b|a)$")
 
 
 def _quantizer_group(module: str) -> str:
-    return _FUSED.sub(lambda m: ".qkv" if m.group(1) else ".gate_up", module)
+    # Megatron fuses q/k/v(/g), gate/up and the GDN in_proj parts into one linear, one quantizer.
+    return _FUSED.sub(lambda m: ".qkv" if m.group(1) else ".gate_up" if m.group(2) else ".in_proj", module)
 
 
 def calibrate(src: Path, seed: int = 0) -> dict[str, torch.Tensor]:

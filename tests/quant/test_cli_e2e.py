@@ -34,7 +34,13 @@ from test_formats import (
 )
 
 STEP35 = importlib.util.find_spec("bridgecore_step35") is not None
-PLUGINS = {"llama": "llama_example,quant", "step35": "step35,quant"}
+PLUGINS = {
+    "llama": "llama_example,quant",
+    "step35": "step35,quant",
+    "qwen35-moe": "qwen35,quant",
+    "qwen35-dense": "qwen35,quant",
+    "step37": "step35,step37,quant",
+}
 
 
 def bridgecore(plugins: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
@@ -61,13 +67,27 @@ def write_step35(out: Path) -> None:
     write_tiny(out)
 
 
+def write_family_tiny(family: str, out: Path) -> None:
+    """The tiny model ``family`` of its installed plugin (qwen35-moe, qwen35-dense, step37)."""
+    from bridgecore.plugins import Plugins
+
+    plugins = Plugins()
+    found = [t for ts in plugins.call_all("tiny_models") for t in ts or () if t.name == family]
+    if not found:
+        pytest.skip(f"no installed plugin ships the tiny model {family}")
+    found[0].write(out)
+
+
 @pytest.fixture(scope="module")
 def calibrated(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> tuple[str, Path, dict[str, torch.Tensor]]:
     family = request.param
     src = tmp_path_factory.mktemp(family) / "calibrated"
-    (write_llama if family == "llama" else write_step35)(src)
+    if family in ("llama", "step35"):
+        (write_llama if family == "llama" else write_step35)(src)
+    else:
+        write_family_tiny(family, src)
     tensors = calibrate(src)
     if family == "step35":
         assert any(k.endswith("moe.gate_proj.weight_quantizer._amax") and v.shape == (4,) for k, v in tensors.items())
@@ -75,7 +95,15 @@ def calibrated(
 
 
 # TP 1 is the Step-3.5 run's; the example Llama runs at TP 2, the harder layout, to keep the suite short.
-ROUNDTRIPS = [("llama", 2, 1), ("step35", 1, 1), ("step35", 2, 2)]
+# Qwen3.5 brings the GDN in_proj fan-out and per-expert MoE amax; Step-3.7 the language_model. prefix.
+ROUNDTRIPS = [
+    ("llama", 2, 1),
+    ("step35", 1, 1),
+    ("step35", 2, 2),
+    ("qwen35-moe", 2, 2),
+    ("qwen35-dense", 2, 1),
+    ("step37", 1, 1),
+]
 
 
 @pytest.mark.parametrize(

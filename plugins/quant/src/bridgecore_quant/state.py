@@ -112,6 +112,10 @@ def _save_quantizers_with(owner: torch.nn.Module) -> None:
     """
     if getattr(owner, "_bridgecore_quantizers", False):
         return
+    if not hasattr(owner, "sharded_state_dict"):
+        # A plain torch module (a vision tower's conv): the enclosing megatron module saves its
+        # children's buffers, the quantizer's among them, as replicated tensors already.
+        return
     own = owner.sharded_state_dict
 
     def sharded_state_dict(prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
