@@ -22,26 +22,11 @@ from bridgecore.mapping import (
     Shard,
     Shifted,
     Stacked,
+    TensorSource,
 )
 
 TP_SIZES = st.sampled_from([1, 2, 4])
 DTYPES = st.sampled_from([torch.bfloat16, torch.float32, torch.float16])
-
-
-class RecordingSource:
-    """An in-memory checkpoint that counts the elements every read returns."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-        self.elements_read = 0
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def read(self, name: str, index: tuple) -> torch.Tensor:
-        out = self.tensors[name][index].clone()
-        self.elements_read += out.numel()
-        return out
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -50,7 +35,7 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torc
 
 
 def assert_round_trip(mapping: Mapping, tensors: dict[str, torch.Tensor], captures: dict[str, int], tp: int) -> None:
-    source = RecordingSource(tensors)
+    source = TensorSource(tensors)
     shards = []
     for rank in range(tp):
         before = source.elements_read
@@ -81,7 +66,7 @@ def test_column_and_row_parallel(rows: int, cols: int, tp: int, dtype: torch.dty
 def test_replicated(shape: list[int], tp: int, dtype: torch.dtype, seed: int) -> None:
     x = random_tensor(tuple(shape), dtype, seed)
     mapping = Replicated("m.norm", "h.norm")
-    source = RecordingSource({"h.norm": x})
+    source = TensorSource({"h.norm": x})
     copies = [mapping.to_megatron(source, {}, Shard(r, tp)) for r in range(tp)]
     assert all(torch.equal(c, x) for c in copies)
     assert torch.equal(mapping.to_hf(copies[:1], {})[0].tensor, x)
@@ -98,7 +83,7 @@ def test_gated_mlp(rows: int, cols: int, tp: int, dtype: torch.dtype, seed: int)
 
 def test_gated_mlp_shard_is_gate_then_up() -> None:
     gate, up = torch.arange(4.0).view(4, 1), torch.arange(10.0, 14.0).view(4, 1)
-    src = RecordingSource({"g": gate, "u": up})
+    src = TensorSource({"g": gate, "u": up})
     shard1 = GatedMLP("m", "g", "u").to_megatron(src, {}, Shard(1, 2))
     assert shard1.flatten().tolist() == [2.0, 3.0, 12.0, 13.0]
 
@@ -146,14 +131,14 @@ def test_fused_qkv_layout_matches_megatron_grouping() -> None:
     q = torch.tensor([[0.0], [100.0], [1.0], [101.0]])  # head 0: q 0, gate 100; head 1: q 1, gate 101
     k, v = torch.tensor([[10.0]]), torch.tensor([[20.0]])
     mapping = FusedQKV("m", "q", "k", "v", heads=2, groups=1, head_dim=d, gate="in_q")
-    out = mapping.to_megatron(RecordingSource({"q": q, "k": k, "v": v}), {}, Shard())
+    out = mapping.to_megatron(TensorSource({"q": q, "k": k, "v": v}), {}, Shard())
     assert out.flatten().tolist() == [0.0, 1.0, 100.0, 101.0, 10.0, 20.0]
 
 
 def test_headwise_gate_expands_and_refuses_diverged_rows() -> None:
     q, k, v, g = torch.zeros(4, 1), torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([[5.0], [6.0]])
     mapping = FusedQKV("m", "q", "k", "v", heads=2, groups=1, head_dim=2, gate="headwise", g="g")
-    out = mapping.to_megatron(RecordingSource({"q": q, "k": k, "v": v, "g": g}), {}, Shard())
+    out = mapping.to_megatron(TensorSource({"q": q, "k": k, "v": v, "g": g}), {}, Shard())
     assert out.flatten().tolist()[4:8] == [5.0, 5.0, 6.0, 6.0]
     out[5] = 7.0
     with pytest.raises(BridgeError, match="no longer equal"):
@@ -213,7 +198,7 @@ def test_stacked_experts_over_ep_and_tp(experts: int, ep: int, tp: int, dtype: t
 def test_stacked_expert_count_mismatch_names_tensor() -> None:
     mapping = Stacked(ColumnParallel("e.{expert}.w", "stacked"), num_experts=4)
     with pytest.raises(BridgeError, match="stacked.*expected 4 experts"):
-        mapping.to_megatron(RecordingSource({"stacked": torch.zeros(3, 2, 2)}), {"expert": 0}, Shard())
+        mapping.to_megatron(TensorSource({"stacked": torch.zeros(3, 2, 2)}), {"expert": 0}, Shard())
 
 
 @settings(max_examples=30, deadline=None)
@@ -223,7 +208,7 @@ def test_shifted_norm_is_exact_in_its_domain(size: int, tp: int, seed: int) -> N
     g = torch.Generator().manual_seed(seed)
     w = (0.5 + 1.5 * torch.rand(size * tp, generator=g)).to(torch.bfloat16)
     mapping = Shifted(ColumnParallel("m.out_norm", "h.norm"), -1.0)
-    source = RecordingSource({"h.norm": w})
+    source = TensorSource({"h.norm": w})
     shards = [mapping.to_megatron(source, {}, Shard(r, tp)).to(torch.bfloat16) for r in range(tp)]
     assert all(torch.equal(s.float(), s.float().to(torch.bfloat16).float()) for s in shards)
     back = mapping.to_hf(shards, {})[0].tensor.to(torch.bfloat16)

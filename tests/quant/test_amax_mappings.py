@@ -21,21 +21,11 @@ from bridgecore.mapping import (
     RowParallel,
     Shard,
     Stacked,
+    TensorSource,
 )
 from bridgecore_quant.amax import Amax, amax_mappings, is_per_tensor
 
 H, HEADS, GROUPS, D, INTER, E, LAYERS, V = 32, 4, 2, 8, 16, 4, 2, 64
-
-
-class DictSource:
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def read(self, name: str, index: tuple) -> torch.Tensor:
-        return self.tensors[name][index]
 
 
 def weight_mappings() -> list:
@@ -131,7 +121,7 @@ def megatron_names(table: MappingTable) -> list[str]:
 
 def roundtrip(hf: dict[str, torch.Tensor], tp: int, ep: int) -> dict[str, torch.Tensor]:
     table = MappingTable(amax_mappings(weight_mappings()))
-    source, out, slabs = DictSource(hf), {}, {}
+    source, out, slabs = TensorSource(hf), {}, {}
     per_rank = E // ep
     for name in megatron_names(table):
         b = table.find(name)
@@ -174,8 +164,8 @@ def test_per_channel_qkv_amax_is_laid_out_like_the_weight() -> None:
     rows = {p: hf[f"model.layers.0.self_attn.{p}_proj.weight_quantizer._amax"] for p in "qkv"}
     weights = {f"model.layers.0.self_attn.{p}_proj.weight": rows[p].expand(-1, H) for p in "qkv"}
     for r in range(2):
-        amax = b.mapping.to_megatron(DictSource(hf), b.capture_dict, Shard(r, 2))
-        weight = qkv.to_megatron(DictSource(weights), b.capture_dict, Shard(r, 2))
+        amax = b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard(r, 2))
+        weight = qkv.to_megatron(TensorSource(weights), b.capture_dict, Shard(r, 2))
         assert torch.equal(amax.expand(-1, H), weight)
 
 
@@ -185,7 +175,7 @@ def test_fused_targets_with_different_per_tensor_amax_are_refused() -> None:
     table = MappingTable(amax_mappings(weight_mappings()))
     b = table.find("decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax")
     with pytest.raises(BridgeError, match="k_proj.input_quantizer._amax: amax .* differs from .*q_proj"):
-        b.mapping.to_megatron(DictSource(hf), b.capture_dict, Shard())
+        b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard())
 
 
 def test_fanout_export_writes_every_target() -> None:

@@ -10,7 +10,7 @@ from qwen35_testing import read_config, read_tensors
 
 import bridgecore_qwen35 as plugin
 from bridgecore.errors import BridgeError
-from bridgecore.mapping import MappingTable, Shard
+from bridgecore.mapping import MappingTable, Shard, TensorSource
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout, init_model_parallel
 from bridgecore.megatron.params import local_tensors
@@ -18,19 +18,6 @@ from bridgecore_qwen35 import tiny
 from bridgecore_qwen35.mappings import VISION_TENSORS, experts_packed
 
 K_HEADS, V_HEADS, DK, DV = tiny.K_HEADS, tiny.V_HEADS, tiny.K_DIM, tiny.V_DIM
-
-
-class Memory:
-    """An in-memory Source."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def read(self, name: str, index: tuple) -> torch.Tensor:
-        return self.tensors[name][index]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +42,7 @@ def test_gdn_in_proj_packs_q_k_v_z_b_a_per_tp_rank(dense) -> None:
     b, a = tensors[f"{h}in_proj_b.weight"], tensors[f"{h}in_proj_a.weight"]
     q, k, v = qkv[: K_HEADS * DK], qkv[K_HEADS * DK : 2 * K_HEADS * DK], qkv[2 * K_HEADS * DK :]
     binding = _binding(table, "decoder.layers.0.self_attention.in_proj.weight")
-    source = Memory(tensors)
+    source = TensorSource(tensors)
     kh, vh = K_HEADS // 2, V_HEADS // 2
     for r in range(2):
         expected = torch.cat(
@@ -92,13 +79,13 @@ def test_gated_q_proj_interleave(dense) -> None:
         heads = range(g * per_group, (g + 1) * per_group)
         groups += [q_proj[i, 0] for i in heads] + [q_proj[i, 1] for i in heads] + [k[g], v[g]]
     binding = _binding(table, "decoder.layers.3.self_attention.linear_qkv.weight")
-    got = binding.mapping.to_megatron(Memory(tensors), binding.capture_dict, Shard(0, 1))
+    got = binding.mapping.to_megatron(TensorSource(tensors), binding.capture_dict, Shard(0, 1))
     assert torch.equal(got, torch.cat(groups))
 
 
 def test_gdn_norm_is_shifted_and_decay_split_by_value_head(dense) -> None:
     _, table, tensors = dense
-    source, h = Memory(tensors), "model.layers.1.linear_attn."
+    source, h = TensorSource(tensors), "model.layers.1.linear_attn."
     norm = _binding(table, "decoder.layers.1.self_attention.out_norm.weight")
     got = norm.mapping.to_megatron(source, norm.capture_dict, Shard(0, 2))
     assert torch.equal(got, tensors[f"{h}norm.weight"].float() - 1)
@@ -115,7 +102,7 @@ def test_mapping_level_roundtrip(checkpoints: dict[str, Path], built: dict, vari
     tensors = read_tensors(checkpoints[variant])
     table = MappingTable(plugin.mappings(config=config, hf_keys=frozenset(tensors)))
     coverage = table.cover(names, tensors, allow_unmapped=[VISION_TENSORS])
-    source, out = Memory(tensors), {}
+    source, out = TensorSource(tensors), {}
     for b in coverage.bindings:
         size = tp if b.mapping.partition_dim is not None else 1
         shards = [b.mapping.to_megatron(source, b.capture_dict, Shard(r, size)) for r in range(size)]

@@ -10,24 +10,13 @@ from step35_testing import RELEASED, read_tensors
 
 from bridgecore.bridge import AutoBridge
 from bridgecore.errors import BridgeError
-from bridgecore.mapping import FusedQKV, MappingTable, Shard
+from bridgecore.mapping import FusedQKV, MappingTable, Shard, TensorSource
 from bridgecore.megatron.params import local_tensors
 from bridgecore_step35 import step35_mappings, step35_model_config
 from bridgecore_step35.tiny import TINY_CONFIG, step35_tensor_shapes
 
 CONFIG = step35_model_config(TINY_CONFIG)
 HF_KEYS = frozenset(step35_tensor_shapes(TINY_CONFIG))
-
-
-class MemorySource:
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def read(self, name: str, index: tuple) -> torch.Tensor:
-        return self.tensors[name][index]
 
 
 def test_built_model_is_covered(tiny_dir: Path) -> None:
@@ -73,13 +62,13 @@ def test_prefixes(hf_prefix: str) -> None:
     assert table.find("language_model.output_layer.weight").hf == ["lm_head.weight"]
 
 
-def _qkv(layer: int) -> tuple[FusedQKV, dict[str, int], MemorySource, dict[str, torch.Tensor]]:
+def _qkv(layer: int) -> tuple[FusedQKV, dict[str, int], TensorSource, dict[str, torch.Tensor]]:
     table = MappingTable(step35_mappings(CONFIG, HF_KEYS))
     binding = table.find(f"decoder.layers.{layer}.self_attention.linear_qkv.weight")
     shapes = step35_tensor_shapes(TINY_CONFIG)
     generator = torch.Generator().manual_seed(3)
     tensors = {n: torch.randn(shapes[n][0], generator=generator) for n in binding.hf}
-    return binding.mapping, binding.capture_dict, MemorySource(tensors), tensors
+    return binding.mapping, binding.capture_dict, TensorSource(tensors), tensors
 
 
 @pytest.mark.parametrize("layer", [0, 1])

@@ -18,6 +18,7 @@ from bridgecore.mapping.types import (
     Shifted,
     Source,
     Stacked,
+    TensorSource,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "Shifted",
     "Source",
     "Stacked",
+    "TensorSource",
 ]

@@ -29,6 +29,25 @@ class Source(Protocol):
     def read(self, name: str, index: tuple[slice | int, ...]) -> torch.Tensor: ...
 
 
+class TensorSource:
+    """A :class:`Source` over tensors in memory, for tests of mappings (the core's and plugins').
+
+    Reads return copies, as reads from a file do, and ``elements_read`` counts what they returned.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.elements_read = 0
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, index: tuple[slice | int, ...]) -> torch.Tensor:
+        out = self.tensors[name][index].clone()
+        self.elements_read += out.numel()
+        return out
+
+
 @dataclass(frozen=True)
 class Shard:
     """Which part of a partitioned Megatron param this rank holds: rank `rank` of `size`."""
