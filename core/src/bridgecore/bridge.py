@@ -71,17 +71,19 @@ _SIZES = (
     "kv_channels",
     "ffn_hidden_size",
     "vocab_size",
-    "num_moe_experts",
-    "moe_ffn_hidden_size",
 )
+#: sizes only mixture-of-experts models have: absent (None) for dense ones.
+_MOE_SIZES = ("num_moe_experts", "moe_ffn_hidden_size")
 _MAX_SIZE = 2**31
 
 
 def _check_sizes(config: ModelConfig, where: str) -> None:
     """Refuse sizes no model has before megatron-core allocates (or overflows) with them."""
-    for name in _SIZES:
+    for name in _SIZES + _MOE_SIZES:
         value = getattr(config, name, None)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < _MAX_SIZE):
+        if value is None and name in _MOE_SIZES:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < _MAX_SIZE:
             raise BridgeError(f"{where}: {name} is {value!r}; expected a positive integer below 2**31")
 
 
