@@ -66,6 +66,8 @@ def test_roundtrip(tiny_checkpoint, single_rank, tmp_path: Path, name: str, rank
 # one layout is read back at another by megatron-core's dist_checkpointing.
 CROSS = [
     ("llama-example", 4, ["--tp", "2", "--pp", "2"], 2, ["--tp", "2"]),
+    # tied embeddings with MTP on the last stage, whose unused output weight megatron-core refuses to save
+    ("qwen35-dense", 2, ["--pp", "2"], 2, ["--tp", "2"]),
     pytest.param("step35", 4, ["--tp", "2", "--ep", "2"], 2, ["--pp", "2"], marks=slow),
     pytest.param("qwen35-moe", 2, ["--ep", "2"], 4, ["--pp", "2", "--ep", "2"], marks=slow),
 ]

@@ -11,12 +11,13 @@ only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,37 @@ def sharded_state_dict(chunk: torch.nn.Module) -> dict[str, Any]:
     later pipeline stage than the embedding (it ties the stage's embedding copy over it)."""
     from megatron.core import parallel_state as ps
 
-    return chunk.sharded_state_dict(metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)})
+    with _unused_output_weights_hidden(chunk):
+        return chunk.sharded_state_dict(
+            metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+        )
+
+
+@contextlib.contextmanager
+def _unused_output_weights_hidden(chunk: torch.nn.Module) -> Iterator[None]:
+    """Hide the output layer weight of an MTP stage that ties it to the embedding but is not the first.
+
+    That stage computes logits with its embedding copy, yet megatron-core (0.16 to 0.19) allocates an
+    output layer weight there too, and then asserts it is absent from the sharded state dict: the
+    weight is never read, so it is left out of the checkpoint, as megatron-core intends.
+    """
+    hidden = [
+        module.output_layer
+        for module in chunk.modules()
+        if getattr(module, "share_embeddings_and_output_weights", False)
+        and getattr(module, "mtp_process", False)
+        and not module.pre_process
+        and module.post_process
+        and getattr(module.output_layer, "weight", None) is not None
+    ]
+    weights = [layer._parameters["weight"] for layer in hidden]
+    for layer in hidden:
+        layer._parameters["weight"] = None
+    try:
+        yield
+    finally:
+        for layer, weight in zip(hidden, weights, strict=True):
+            layer._parameters["weight"] = weight
 
 
 def save_dist(
