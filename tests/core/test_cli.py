@@ -28,18 +28,29 @@ def test_plugins_lists_the_example_with_its_hooks() -> None:
     assert "LlamaForCausalLM" in out and "mappings" in out and "provider_config" in out
 
 
-def test_roundtrip_single_rank_is_bit_exact(llama_dir: Path) -> None:
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary directory the CLI's children use, to see what they leave behind."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    return scratch
+
+
+def test_roundtrip_single_rank_is_bit_exact(llama_dir: Path, scratch: Path) -> None:
     result = run_cli("roundtrip", str(llama_dir), "--verbose", plugins=PLUGINS)
     assert result.returncode == 0, result.stderr
     assert "21/21 tensors identical: bit-exact" in result.stdout
     assert result.stdout.count("exact ") == 21
+    assert not list(scratch.glob("bridgecore-roundtrip-*"))  # the discarded output is removed
 
 
 @pytest.mark.parametrize("layout,nproc", [(["--tp", "2"], 2), (["--pp", "2"], 2), (["--tp", "2", "--pp", "2"], 4)])
-def test_roundtrip_multi_rank_is_bit_exact(llama_dir: Path, layout: list[str], nproc: int) -> None:
+def test_roundtrip_multi_rank_is_bit_exact(llama_dir: Path, scratch: Path, layout: list[str], nproc: int) -> None:
     result = run_cli("roundtrip", str(llama_dir), *layout, nproc=nproc, plugins=PLUGINS)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bit-exact" in result.stdout
+    assert not list(scratch.glob("bridgecore-roundtrip-*"))
 
 
 def test_import_at_tp2_then_export_at_pp2_through_torch_dist(llama_dir: Path, tmp_path: Path) -> None:
@@ -70,6 +81,13 @@ def test_demo_runs_the_example(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "llama-example" in result.stdout and "bit-exact" in result.stdout
     assert (tmp_path / "llama-example" / "megatron" / "release").is_dir()
+
+
+def test_demo_without_out_leaves_nothing_behind(scratch: Path) -> None:
+    result = run_cli("demo", "--only", "llama-example", plugins=PLUGINS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bit-exact" in result.stdout and "pass --out DIR to keep them" in result.stdout
+    assert not list(scratch.glob("bridgecore-demo-*"))
 
 
 def test_python_api_export_iterator_equals_source(llama_dir: Path) -> None:

@@ -220,13 +220,18 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     work = Path(
         parallel.broadcast_object(tempfile.mkdtemp(prefix="bridgecore-roundtrip-") if parallel.rank() == 0 else None)
     )
-    out = Path(args.keep) if args.keep else work / "hf"
-    bridge.save_hf_pretrained(
-        model, out, max_shard_size=args.max_shard_size, overwrite=bool(args.keep) and args.overwrite
-    )
-    if parallel.rank() != 0:
-        return 0
-    report = compare_checkpoints(Path(args.hf_dir), out)
+    try:
+        out = Path(args.keep) if args.keep else work / "hf"
+        bridge.save_hf_pretrained(
+            model, out, max_shard_size=args.max_shard_size, overwrite=bool(args.keep) and args.overwrite
+        )
+        if parallel.rank() != 0:
+            return 0
+        report = compare_checkpoints(Path(args.hf_dir), out)
+    finally:
+        # the save is collective: once it returns (or fails) on rank 0, no rank writes there any more
+        if parallel.rank() == 0:
+            shutil.rmtree(work, ignore_errors=True)
     print_report(report, verbose=args.verbose)
     say(f"layout {_layout(args)}; output {'kept in ' + str(out) if args.keep else 'discarded'}")
     return 0 if report.exact else 1
