@@ -3,6 +3,7 @@ target, never something that looks complete; existing output needs --overwrite."
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -44,15 +45,17 @@ def megatron_dir(cli: Cli, llama_dir: Path, tmp_path: Path) -> Path:
 
 
 def kill_when_temp_appears(proc: subprocess.Popen, target: Path, timeout: float = 240) -> None:
-    """SIGKILL `proc` once its temporary sibling of `target` exists (the run is then mid-write)."""
+    """SIGKILL `proc` and its process group once its temporary sibling of `target` exists (the run is then
+    mid-write), as a scheduler or Ctrl-C stops a job: megatron-core 0.19 saves through a spawned worker
+    that would otherwise outlive the run, holding the output pipes open."""
     deadline = time.monotonic() + timeout
     while not list(target.parent.glob(f".{target.name}.tmp-*")):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the run never started writing"
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -65,7 +68,7 @@ def test_killed_export_leaves_previous_output_or_nothing(
         assert cli("export", megatron_dir, out).returncode == 0
         (out / "marker.txt").write_text("previous output")
     before = snapshot(out) if previous else None
-    proc = cli_process("export", megatron_dir, out, "--overwrite", prelude=SLOW_EXPORT)
+    proc = cli_process("export", megatron_dir, out, "--overwrite", prelude=SLOW_EXPORT, start_new_session=True)
     kill_when_temp_appears(proc, out)
     if previous:
         assert snapshot(out) == before
@@ -79,7 +82,7 @@ def test_killed_export_leaves_previous_output_or_nothing(
 
 def test_killed_import_leaves_nothing(megatron_dir: Path, llama_dir: Path, cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "imported"
-    proc = cli_process("import", llama_dir, out, prelude=SLOW_IMPORT)
+    proc = cli_process("import", llama_dir, out, prelude=SLOW_IMPORT, start_new_session=True)
     kill_when_temp_appears(proc, out)
     assert not out.exists()
     assert cli("import", llama_dir, out).returncode == 0 and (out / "release" / ".metadata").is_file()
