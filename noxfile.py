@@ -37,8 +37,16 @@ TORCH_312 = "torch==2.13.0"
 #: about 8 minutes. With the default row at about 20-25 minutes that would put the default run over
 #: the 30 minutes we allow it, and make every CI run depend on a 2.6 GB download, so it is a separate
 #: session (run it before a release, or where a GPU machine has the CUDA wheels cached).
-#: It runs the core and plugin tests; `import --offline` at TP>1 is wrong on 0.19.2 (see README).
-MCORE_019_FOLDERS = ["tests/core", "tests/step35", "tests/step37", "tests/qwen35", "tests/quant"]
+#: It runs every folder of the default run, the reliability and scale tests (about 5 minutes more) included.
+MCORE_019_FOLDERS = [
+    "tests/core",
+    "tests/step35",
+    "tests/step37",
+    "tests/qwen35",
+    "tests/quant",
+    "tests/reliability",
+    "tests/scale",
+]
 COMMON = [
     "transformers==5.23.0",
     "safetensors==0.8.0",
