@@ -18,12 +18,14 @@ from models built on the meta device (shapes only), and move one tensor through 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import shutil
 import threading
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
 
 ChunkId = tuple[str, tuple[int, ...]]
+#: params the offline export reads ahead of the one it writes.
+READ_AHEAD = 1
 
 
 @dataclass(frozen=True)
@@ -321,10 +325,15 @@ def stream_to_hf(
         regions.setdefault(param.name, []).append((item, region))
     writer = ShardedWriter(out_dir, plan, parse_size(max_shard_size))
     writer.create()
+
+    def read(pair: tuple[LocalTensor, Binding]) -> torch.Tensor:
+        t = pair[0]
+        value = torch.empty(t.tensor.shape, dtype=t.tensor.dtype)
+        _read_param(reader, metadata, t.name, regions.get(t.name, []), value)
+        return value
+
     try:
-        for t, b in bound:
-            value = torch.empty(t.tensor.shape, dtype=t.tensor.dtype)
-            _read_param(reader, metadata, t.name, regions.get(t.name, []), value)
+        for (_, b), value in _read_ahead(bound, read):
             for piece in b.mapping.to_hf([value], b.capture_dict):
                 dtype = bridge.source.dtype(piece.name) if piece.name in bridge.hf_keys else value.dtype
                 writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
@@ -335,6 +344,25 @@ def stream_to_hf(
         writer.abort()
         raise
     return out_dir
+
+
+def _read_ahead(items: Sequence[Any], read: Any, depth: int = READ_AHEAD) -> Iterator[tuple[Any, Any]]:
+    """``(item, read(item))`` in order, a background thread reading up to ``depth`` items ahead, so
+    reading the next param overlaps converting and writing this one (file reads release the GIL).
+    At most ``depth + 2`` read results are alive at once: the caller's, until it asks for the next,
+    the next, and those being read."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgecore-read") as pool:
+        pending: deque[tuple[Any, Future]] = deque()
+        upcoming = iter(items)
+        for item in itertools.islice(upcoming, depth):
+            pending.append((item, pool.submit(read, item)))
+        while pending:
+            item, future = pending.popleft()
+            value = future.result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(read, following)))
+            yield item, value
 
 
 class _RegionLoadPlanner:
