@@ -253,11 +253,7 @@ class AutoBridge:
         """This rank's model chunks for ``layout`` in megatron-core's current parallel state, unloaded."""
         self.config = dataclasses.replace(
             self.config,
-            tensor_model_parallel_size=layout.tp,
-            pipeline_model_parallel_size=layout.pp,
-            expert_model_parallel_size=layout.ep,
-            expert_tensor_parallel_size=layout.etp,
-            virtual_pipeline_model_parallel_size=layout.vpp,
+            **layout.megatron_sizes(),
             pipeline_dtype=self.config.params_dtype,
         )
         spec = lambda vp_stage: self.plugins.call_owned(

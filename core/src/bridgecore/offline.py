@@ -89,14 +89,7 @@ def _simulated_rank(rank: int, world: int, layout: Layout) -> Iterator[None]:
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp,
-            pipeline_model_parallel_size=layout.pp,
-            virtual_pipeline_model_parallel_size=layout.vpp,
-            expert_model_parallel_size=layout.ep,
-            expert_tensor_parallel_size=layout.etp,
-            create_gloo_process_groups=False,
-        )
+        ps.initialize_model_parallel(**layout.megatron_sizes(), create_gloo_process_groups=False)
         yield
     finally:
         ps.destroy_model_parallel()

@@ -26,6 +26,16 @@ class Layout:
         vpp = f" VPP={self.vpp}" if self.vpp else ""
         return f"TP={self.tp} PP={self.pp} EP={self.ep} ETP={self.etp}{vpp}"
 
+    def megatron_sizes(self) -> dict[str, int | None]:
+        """The sizes under megatron-core's names, as ``initialize_model_parallel`` and its config take them."""
+        return {
+            "tensor_model_parallel_size": self.tp,
+            "pipeline_model_parallel_size": self.pp,
+            "virtual_pipeline_model_parallel_size": self.vpp,
+            "expert_model_parallel_size": self.ep,
+            "expert_tensor_parallel_size": self.etp,
+        }
+
 
 #: the config values each parallel size must divide: a split that is not even cannot be exact.
 _SPLIT_BY = {
@@ -83,13 +93,7 @@ def init_model_parallel(layout: Layout) -> None:
         for group in groups:
             if group in dist.distributed_c10d._world.pg_map:  # destroying one group can take its aliases along
                 dist.destroy_process_group(group)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
+    parallel_state.initialize_model_parallel(**layout.megatron_sizes())
 
 
 def _groups_of(parallel_state: Any) -> list[dist.ProcessGroup]:
