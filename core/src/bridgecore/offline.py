@@ -24,7 +24,7 @@ import shutil
 import threading
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,7 +350,7 @@ def stream_to_hf(
     return out_dir
 
 
-def _read_ahead(items: Sequence[Any], read: Any, depth: int = READ_AHEAD) -> Iterator[tuple[Any, Any]]:
+def _read_ahead(items: Sequence[Any], read: Callable[[Any], Any], depth: int = READ_AHEAD) -> Iterator[tuple[Any, Any]]:
     """``(item, read(item))`` in order, a background thread reading up to ``depth`` items ahead, so
     reading the next param overlaps converting and writing this one (file reads release the GIL).
     At most ``depth + 2`` read results are alive at once: the caller's, until it asks for the next,
