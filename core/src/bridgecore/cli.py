@@ -389,11 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Tear down gloo before the interpreter does: left to exit, its threads can abort the process
-    ("terminate called without an active exception") after a successful run under torchrun."""
+    ("terminate called without an active exception") after a successful run under torchrun.
+    megatron-core's parallel state goes with it, so a later command in this process starts afresh."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
+        if "megatron.core.parallel_state" in sys.modules:
+            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
         dist.destroy_process_group()
 
 
