@@ -194,3 +194,23 @@ def test_bad_index_json(cli: Cli, llama_dir: Path, tmp_path: Path) -> None:
     index = llama_dir / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": ["not", "an", "object"]}))
     assert f'{index}: expected an object with a "weight_map" object' in failed_import(cli, llama_dir, tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_damaged_torch_dist_file_names_it_in_the_offline_export(
+    cli: Cli, llama_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    """The offline export reads the `.distcp` files itself: a short or overwritten one is one line."""
+    megatron, out = tmp_path / "megatron", tmp_path / "out"
+    assert cli("import", llama_dir, megatron).returncode == 0
+    distcp = max((megatron / "release").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    data = distcp.read_bytes()
+    if damage == "truncate":
+        distcp.write_bytes(data[: len(data) // 2])
+        expected = "(truncated checkpoint)"
+    else:  # the end of the last chunk's torch.save archive: its zip directory
+        distcp.write_bytes(data[:-512] + b"\xff" * 512)
+        expected = "is not a readable tensor"
+    line = cli("export", megatron, out, "--offline").error_line()
+    assert str(distcp) in line and expected in line, line
+    assert siblings(out) == [], siblings(out)

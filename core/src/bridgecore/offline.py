@@ -11,7 +11,7 @@ from models built on the meta device (shapes only), and move one tensor through 
   through its mapping, then take the region of the param the chunk covers. The files are chunked
   as that layout's ranks would have saved them, so loading at that layout reads no extra bytes.
 - export: a meta model at TP=PP=EP=1 says which regions of which saved tensors form each whole
-  Megatron param; those regions are read with DCP's ``FileSystemReader`` (whatever layout saved
+  Megatron param; those regions are read straight from the ``.distcp`` files (whatever layout saved
   them), the mapping turns the param into HF tensors, and the core's ``ShardedWriter`` writes them.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import shutil
 import threading
 import uuid
@@ -316,9 +317,8 @@ def stream_to_hf(
     bridge = AutoBridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
-    reader = FileSystemReader(str(Path(ckpt_dir) / RELEASE))
-    metadata = reader.read_metadata()
-    reader.set_up_storage_reader(metadata, is_coordinator=True)
+    release = Path(ckpt_dir) / RELEASE
+    saved = _SavedChunks(release, FileSystemReader(str(release)).read_metadata())
     with _simulated_rank(0, 1, Layout()):
         chunks = bridge.build_chunks(Layout(), meta=True)
         bound = bridge.bind(chunks, None)
@@ -327,13 +327,14 @@ def stream_to_hf(
     regions: dict[str, list[tuple[Any, _Region]]] = {}
     for item, param, region in views:
         regions.setdefault(param.name, []).append((item, region))
+    buffers = _Buffers(max((t.tensor.nbytes for t, _ in bound), default=0))
     writer = ShardedWriter(out_dir, plan, parse_size(max_shard_size))
     writer.create()
 
     def read(pair: tuple[LocalTensor, Binding]) -> torch.Tensor:
         t = pair[0]
-        value = torch.empty(t.tensor.shape, dtype=t.tensor.dtype)
-        _read_param(reader, metadata, t.name, regions.get(t.name, []), value)
+        value = buffers.take(t.tensor.shape, t.tensor.dtype)
+        saved.read_param(t.name, regions.get(t.name, []), value)
         return value
 
     try:
@@ -341,20 +342,50 @@ def stream_to_hf(
             for piece in b.mapping.to_hf([value], b.capture_dict):
                 dtype = bridge.source.dtype(piece.name) if piece.name in bridge.hf_keys else value.dtype
                 writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
+            buffers.give(value)
         if bridge.hf_dir is None:
             _write_json(Path(writer.temp_dir) / "config.json", bridge.hf_config)
         writer.commit([writer.written()], side_files_from=bridge.hf_dir, overwrite=overwrite)
     except BaseException:
         writer.abort()
         raise
+    finally:
+        saved.close()
     return out_dir
+
+
+class _Buffers:
+    """Byte buffers, each as large as the largest param, handed out again once given back.
+
+    Memory a process touches for the first time costs a page fault per page, which on a VM costs
+    more than copying into it; the export reads every param into one of a few such buffers.
+    """
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+        if buffer is None:
+            buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        nbytes = math.prod(shape) * dtype.itemsize
+        return buffer[:nbytes].view(dtype).view(shape)
+
+    def give(self, value: torch.Tensor) -> None:
+        """Return the buffer under ``value``; nothing may use ``value`` afterwards."""
+        buffer = torch.empty(0, dtype=torch.uint8).set_(value.untyped_storage())
+        with self._lock:
+            self._free.append(buffer)
 
 
 def _read_ahead(items: Sequence[Any], read: Callable[[Any], Any], depth: int = READ_AHEAD) -> Iterator[tuple[Any, Any]]:
     """``(item, read(item))`` in order, a background thread reading up to ``depth`` items ahead, so
     reading the next param overlaps converting and writing this one (file reads release the GIL).
-    At most ``depth + 2`` read results are alive at once: the caller's, until it asks for the next,
-    the next, and those being read."""
+    At most ``depth + 1`` read results are alive once the caller is done with each before asking for
+    the next: the one it is given and those being read."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgecore-read") as pool:
         pending: deque[tuple[Any, Future]] = deque()
         upcoming = iter(items)
@@ -369,44 +400,118 @@ def _read_ahead(items: Sequence[Any], read: Callable[[Any], Any], depth: int = R
             yield item, value
 
 
-class _RegionLoadPlanner:
-    """The two calls ``FileSystemReader.read_data`` makes: where each read item goes.
+class _SavedChunks:
+    """Reads regions of saved tensors from a torch_dist checkpoint's files straight into the caller's memory.
 
-    Targets are keyed by the whole read item: the chunks of one saved tensor share a ``dest_index``.
+    DCP stores each chunk as a ``torch.save`` blob inside a ``.distcp`` file. Its reader unpickles
+    each blob into a new tensor and copies it into the target; here only the blob's small pickle is
+    read (onto the meta device, which records where the data lies), and the bytes go from the file
+    into the target with one ``preadv``. Fresh memory costs a page fault per page, which on a VM
+    costs more than the copy: a contiguous target is filled in place, any other through one
+    staging buffer that is kept.
     """
 
-    def __init__(self, targets: dict[Any, torch.Tensor]):
-        self.targets = targets
+    def __init__(self, path: Path, metadata: Any):
+        self.path, self.metadata = path, metadata
+        self._files: dict[str, int] = {}
+        self._where: dict[Any, tuple[int, int, torch.Tensor]] = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
-    def resolve_tensor(self, item: Any) -> torch.Tensor:
-        return self.targets[item]
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
-    def commit_tensor(self, item: Any, tensor: torch.Tensor) -> None:
-        return None
+    def read_param(self, name: str, regions: list[tuple[Any, _Region]], value: torch.Tensor) -> None:
+        """Fill ``value`` (a whole param) from every saved chunk region that covers it."""
+        from torch.distributed._shard._utils import narrow_tensor_by_index
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner_helpers import (
+            create_read_items_for_chunk_list,
+        )
+
+        covered = sum(region.of(value).numel() for _, region in regions)
+        if covered != value.numel():
+            raise BridgeError(f"{name}: the saved chunks cover {covered} of its {value.numel()} values")
+        for chunk, region in regions:
+            if chunk.key not in self.metadata.state_dict_metadata:
+                raise BridgeError(f"{name}: the checkpoint has no tensor {chunk.key}")
+            sizes = torch.Size((1,) * chunk.prepend_axis_num + tuple(chunk.local_shape))
+            target = region.of(value).view(sizes)
+            for item in create_read_items_for_chunk_list(
+                chunk.key,
+                self.metadata.state_dict_metadata[chunk.key],
+                [ChunkStorageMetadata(offsets=torch.Size(chunk.global_offset), sizes=sizes)],
+            ):
+                dest = narrow_tensor_by_index(target, item.dest_offsets, item.lengths)
+                self._read(item.storage_index, item.storage_offsets, item.lengths, dest)
+
+    def _read(self, index: Any, offsets: Sequence[int], lengths: Sequence[int], dest: torch.Tensor) -> None:
+        fd, start, saved = self._locate(index)
+        whole = all(o == 0 for o in offsets) and tuple(lengths) == tuple(saved.shape)
+        if whole and saved.is_contiguous() and dest.is_contiguous() and saved.dtype == dest.dtype:
+            self._pread(fd, index, _bytes(dest), start + saved.storage_offset() * saved.element_size())
+            return
+        nbytes = saved.untyped_storage().nbytes()
+        if self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
+        storage = self._staging[:nbytes]
+        self._pread(fd, index, memoryview(storage.numpy()), start)
+        src = torch.as_strided(storage.view(saved.dtype), saved.shape, saved.stride(), saved.storage_offset())
+        dest.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, lengths, strict=True))])
+
+    def _locate(self, index: Any) -> tuple[int, int, torch.Tensor]:
+        """The file, the byte where the saved tensor's storage begins, and the tensor on the meta device."""
+        found = self._where.get(index)
+        if found is not None:
+            return found
+        from torch.distributed.checkpoint.utils import _create_file_view
+
+        info = self.metadata.storage_data.get(index)
+        if info is None:
+            raise BridgeError(f"{self.path}/.metadata: no storage entry for saved chunk {index.fqn} at {index.offset}")
+        if info.transform_descriptors:
+            raise BridgeError(
+                f"{self.path / info.relative_path}: {index.fqn} is stored through {list(info.transform_descriptors)};"
+                " the offline export reads untransformed torch_dist files only (the in-memory export reads these)"
+            )
+        fd = self._files.get(info.relative_path)
+        if fd is None:
+            fd = self._files[info.relative_path] = os.open(self.path / info.relative_path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        if size < info.offset + info.length:
+            raise BridgeError(
+                f"{self.path / info.relative_path}: ends at byte {size}, before the end of saved chunk {index.fqn}"
+                f" at byte {info.offset + info.length} (truncated checkpoint)"
+            )
+        with open(fd, "rb", closefd=False) as file:
+            try:
+                saved = torch.load(
+                    _create_file_view(file, info.offset, info.length), map_location="meta", weights_only=True
+                )
+            except Exception as err:
+                raise BridgeError(
+                    f"{self.path / info.relative_path}: saved chunk {index.fqn} at byte {info.offset} is not a"
+                    f" readable tensor ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                ) from None
+        storage_start = getattr(saved.untyped_storage(), "_checkpoint_offset", None) if torch.is_tensor(saved) else None
+        if storage_start is None:
+            raise BridgeError(f"{self.path / info.relative_path}: saved chunk {index.fqn} holds no tensor data")
+        found = self._where[index] = (fd, info.offset + storage_start, saved)
+        return found
+
+    def _pread(self, fd: int, index: Any, into: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(into):
+            got = os.preadv(fd, [into[done:]], offset + done)
+            if got == 0:
+                raise BridgeError(
+                    f"{self.path}: the file holding {index.fqn} ends before byte {offset + len(into)}"
+                    " (truncated checkpoint or corrupt chunk)"
+                )
+            done += got
 
 
-def _read_param(reader: Any, metadata: Any, name: str, regions: list[tuple[Any, _Region]], value: torch.Tensor) -> None:
-    """Fill ``value`` (a whole param) from every saved chunk region that covers it."""
-    from torch.distributed._shard._utils import narrow_tensor_by_index
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import (
-        create_read_items_for_chunk_list,
-    )
-
-    covered = sum(region.of(value).numel() for _, region in regions)
-    if covered != value.numel():
-        raise BridgeError(f"{name}: the saved chunks cover {covered} of its {value.numel()} values")
-    targets = {}
-    for chunk, region in regions:
-        if chunk.key not in metadata.state_dict_metadata:
-            raise BridgeError(f"{name}: the checkpoint has no tensor {chunk.key}")
-        sizes = torch.Size((1,) * chunk.prepend_axis_num + tuple(chunk.local_shape))
-        target = region.of(value).view(sizes)
-        for item in create_read_items_for_chunk_list(
-            chunk.key,
-            metadata.state_dict_metadata[chunk.key],
-            [ChunkStorageMetadata(offsets=torch.Size(chunk.global_offset), sizes=sizes)],
-        ):
-            targets[item] = narrow_tensor_by_index(target, item.dest_offsets, item.lengths)
-    reader.read_data(LoadPlan(list(targets)), _RegionLoadPlanner(targets)).wait()
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous tensor's bytes."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
