@@ -74,10 +74,12 @@ def test_killed_export_leaves_previous_output_or_nothing(
         assert snapshot(out) == before
     else:
         assert not out.exists()
-    # The killed run's hidden temporary stays behind, and the next run is not disturbed by it.
-    assert any(name.startswith(".out.tmp-") for name in siblings(out))
-    assert cli("export", megatron_dir, out, "--overwrite").returncode == 0
+    # The killed run's hidden temporary stays behind, and the next run names it but is not disturbed by it.
+    (temp,) = [name for name in siblings(out) if name.startswith(".out.tmp-")]
+    rerun = cli("export", megatron_dir, out, "--overwrite")
+    assert rerun.returncode == 0 and f"holds {temp}, left by interrupted runs" in rerun.stdout, rerun.stdout
     assert compare_checkpoints(llama_dir, out).exact and not (out / "marker.txt").exists()
+    assert temp in siblings(out)
 
 
 def test_killed_import_leaves_nothing(megatron_dir: Path, llama_dir: Path, cli: Cli, tmp_path: Path) -> None:

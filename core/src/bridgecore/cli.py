@@ -47,6 +47,17 @@ def say(*args: object) -> None:
         print(*args, flush=True)
 
 
+def _note_leftovers(target: Path) -> None:
+    """Name the temporaries that interrupted runs left beside ``target``; they are never deleted
+    automatically, since another run may still be writing one."""
+    from bridgecore.hf.writer import leftover_temporaries
+
+    found = leftover_temporaries(target) if _rank() == 0 else []
+    if found:
+        names = ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        say(f"note: {target.parent} holds {names}, left by interrupted runs; delete them once no run writes there")
+
+
 def _layout_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel layout (world size = torchrun's --nproc-per-node)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
@@ -141,6 +152,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    _note_leftovers(Path(args.megatron_dir))
     bridge = _bridge(args)
     start = time.perf_counter()
     if args.offline:
@@ -169,6 +181,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
 
+    _note_leftovers(Path(args.hf_dir))
     start = time.perf_counter()
     if args.offline:
         if args.quant:
@@ -214,6 +227,8 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     from bridgecore.compare import compare_checkpoints, print_report
     from bridgecore.megatron import parallel
 
+    if args.keep:
+        _note_leftovers(Path(args.keep))
     bridge = _bridge(args)
     model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
     _report_waived(bridge)

@@ -9,6 +9,7 @@ path; an interrupted run leaves at most a hidden `.<name>.tmp-*` directory.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -72,6 +73,15 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         raise BridgeError(f"{out_dir}: exists and is not a directory; expected a new or existing output directory")
     if out_dir.exists() and not overwrite:
         raise BridgeError(f"{out_dir}: already exists; expected a new output directory (or pass overwrite)")
+
+
+def leftover_temporaries(out_dir: Path) -> list[Path]:
+    """The hidden `.<name>.tmp-*`, `.old-*` and `.staging-*` siblings of `out_dir` that interrupted runs leave."""
+    out_dir = Path(out_dir)
+    name = glob.escape(out_dir.name)
+    if not out_dir.parent.is_dir():
+        return []
+    return sorted(p for kind in ("tmp", "old", "staging") for p in out_dir.parent.glob(f".{name}.{kind}-*"))
 
 
 @dataclass(frozen=True)
