@@ -38,6 +38,7 @@ from bridgecore.bridge import AutoBridge, exact_cast
 from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
 from bridgecore.mapping import Binding
+from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
@@ -261,7 +262,7 @@ class _StreamingSavePlanner(_planner_base()):
         if recipe is None:  # a saved object (bytes), not a tensor chunk
             return super().lookup_object(index)
         chunk = super().lookup_object(index)
-        return _exact_storage(recipe.region.of(self._param(recipe)).reshape(chunk.shape))
+        return exact_storage(recipe.region.of(self._param(recipe)).reshape(chunk.shape))
 
     def _param(self, recipe: _Recipe) -> torch.Tensor:
         key = self._param_id(recipe)
@@ -285,17 +286,6 @@ class _StreamingSavePlanner(_planner_base()):
                 f" but the Megatron tensor has {list(t.tensor.shape)}"
             )
         return exact_cast(value, t.tensor.dtype, t.name).contiguous()
-
-
-def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` over a storage of exactly its bytes, sharing them: DCP's writer copies a tensor whose
-    storage is larger (it would save all of it), and a chunk viewing the memory-mapped HF file or
-    one half of a fused param is such a tensor. A non-contiguous chunk is left to that copy."""
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == tensor.nbytes:
-        return tensor
-    start = tensor.storage_offset() * tensor.element_size()
-    storage = tensor.untyped_storage()[start : start + tensor.nbytes]
-    return torch.empty(0, dtype=tensor.dtype).set_(storage, 0, tensor.shape)
 
 
 # -- export ------------------------------------------------------------------------------------

@@ -79,6 +79,33 @@ def _unused_output_weights_hidden(chunk: torch.nn.Module) -> Iterator[None]:
             layer._parameters["weight"] = weight
 
 
+def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` over a storage of exactly its bytes, sharing them. DCP's writers copy a tensor whose
+    storage is larger (they would save all of it): a view of one half of a fused param, or of a
+    memory-mapped file, is such a tensor. A non-contiguous tensor is left to that copy."""
+    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    start = tensor.storage_offset() * tensor.element_size()
+    storage = tensor.untyped_storage()[start : start + tensor.nbytes]
+    return torch.empty(0, dtype=tensor.dtype).set_(storage, 0, tensor.shape)
+
+
+def _share_views(state: dict[str, Any]) -> None:
+    """Build the state dict's tensor factories (the gate and up halves of a gated fc1) as megatron-core's
+    save would, and give every contiguous view its exact storage, so its writer saves the model's
+    own memory instead of cloning those views first (about 0.45x the model, kept until the write ends)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    def share(item: Any) -> Any:
+        if isinstance(item, ShardedTensor) and item.data is not None:
+            item.data = exact_storage(item.data)
+        return item
+
+    apply_factories(state)
+    dict_list_map_inplace(share, state)
+
+
 def save_dist(
     chunks: list[torch.nn.Module],
     out_dir: Path,
@@ -106,6 +133,7 @@ def save_dist(
         with cpu_compat():
             for i, chunk in enumerate(chunks):
                 state[_state_key(i, chunks)] = sharded_state_dict(chunk)
+            _share_views(state)
             parallel.collective(dist_checkpointing.save, state, str(temp / RELEASE))
 
         def finish() -> None:
