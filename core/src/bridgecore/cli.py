@@ -319,7 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one process, no model: stream each tensor into torch_dist chunked for the layout",
     )
-    p.add_argument("--threads", type=int, default=1, help="with --offline, writer threads (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="with --offline, writer threads, each writing its own .distcp file (default 2)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_import)
 

@@ -150,7 +150,7 @@ def stream_to_megatron(
     *,
     allow_unmapped: Sequence[str] = (),
     overwrite: bool = False,
-    threads: int = 1,
+    threads: int = 2,
 ) -> Path:
     """Write ``bridge``'s HF checkpoint as a torch_dist checkpoint chunked for ``layout``.
 
