@@ -205,10 +205,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
         if args.quant not in formats:
             raise BridgeError(f"--quant {args.quant}: no installed plugin offers it; pip install bridgecore-quant")
+        from bridgecore.hf.writer import temporary_prefix
         from bridgecore.megatron import parallel
 
         # The calibrated export is staged beside the target (same filesystem), on rank 0's choice.
-        made = tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent) if _rank() == 0 else None
+        made = tempfile.mkdtemp(prefix=temporary_prefix(target, "staging"), dir=target.parent) if _rank() == 0 else None
         staging = Path(parallel.broadcast_object(made))
         try:
             bridge.save_hf_pretrained(model, staging / "calibrated", max_shard_size=args.max_shard_size)

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import threading
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +35,7 @@ import torch.distributed as dist
 
 from bridgecore.bridge import AutoBridge, exact_cast
 from bridgecore.errors import BridgeError
-from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
+from bridgecore.hf.writer import ShardedWriter, check_target, parse_size, temporary_sibling
 from bridgecore.mapping import Binding
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
@@ -198,7 +197,7 @@ def stream_to_megatron(
                 saved.setdefault(item.key, []).append(item)
     table.cover(sorted(names), bridge.hf_keys, allow_unmapped)
 
-    temp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temp = temporary_sibling(out_dir, "tmp")
     try:
         (temp / RELEASE).mkdir(parents=True)
         with _simulated_rank(0, 1, Layout()):  # megatron's conversion asks for the rank

@@ -75,13 +75,30 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         raise BridgeError(f"{out_dir}: already exists; expected a new output directory (or pass overwrite)")
 
 
-def leftover_temporaries(out_dir: Path) -> list[Path]:
-    """The hidden `.<name>.tmp-*`, `.old-*` and `.staging-*` siblings of `out_dir` that interrupted runs leave."""
+#: the hidden siblings a run makes beside its output: the output being written, the old output
+#: during an --overwrite, the calibrated export a --quant format is made from.
+TEMPORARY_KINDS = ("tmp", "old", "staging")
+
+
+def temporary_prefix(out_dir: Path, kind: str) -> str:
+    """The name, up to its random part, of a hidden `kind` sibling of `out_dir`."""
+    return f".{Path(out_dir).name}.{kind}-"
+
+
+def temporary_sibling(out_dir: Path, kind: str) -> Path:
+    """A fresh hidden `kind` sibling path of `out_dir` (not created)."""
     out_dir = Path(out_dir)
-    name = glob.escape(out_dir.name)
+    return out_dir.parent / f"{temporary_prefix(out_dir, kind)}{secrets.token_hex(4)}"
+
+
+def leftover_temporaries(out_dir: Path) -> list[Path]:
+    """The hidden siblings of `out_dir` (`.<name>.tmp-*`, `.old-*`, `.staging-*`) that interrupted runs leave."""
+    out_dir = Path(out_dir)
     if not out_dir.parent.is_dir():
         return []
-    return sorted(p for kind in ("tmp", "old", "staging") for p in out_dir.parent.glob(f".{name}.{kind}-*"))
+    return sorted(
+        p for kind in TEMPORARY_KINDS for p in out_dir.parent.glob(f"{glob.escape(temporary_prefix(out_dir, kind))}*")
+    )
 
 
 @dataclass(frozen=True)
@@ -136,7 +153,7 @@ class ShardedWriter:
         """Make the temporary directory with every shard's header written and its size reserved."""
         with _disk_errors(self.out_dir, self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.temp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(4)}"
+            self.temp_dir = temporary_sibling(self.out_dir, "tmp")
             self.temp_dir.mkdir()
             for shard in self.shards:
                 with open(self.temp_dir / shard.file, "wb") as file:
@@ -325,7 +342,7 @@ def _replace(temp_dir: Path, out_dir: Path) -> None:
     so a crash leaves the old or the new checkpoint, never a partial one, and never loses both."""
     old = None
     if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+        old = temporary_sibling(out_dir, "old")
         out_dir.rename(old)
     try:
         temp_dir.rename(out_dir)

@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import copy_side_files
-from bridgecore.hf.writer import check_target
+from bridgecore.hf.writer import check_target, temporary_sibling
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
 
@@ -121,7 +120,7 @@ def save_dist(
     from torch.distributed.checkpoint.api import CheckpointException
 
     parallel.collective(check_target, out_dir, overwrite)
-    temp = Path(parallel.broadcast_object(str(out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")))
+    temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
     try:
 
         def prepare() -> None:
@@ -166,7 +165,7 @@ def publish(temp: Path, out_dir: Path, meta: dict[str, Any], side_files_from: Pa
         (temp / SIDE).mkdir()
         copy_side_files(side_files_from, temp / SIDE)
     if out_dir.exists():
-        aside = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        aside = temporary_sibling(out_dir, "old")
         os.replace(out_dir, aside)
         os.replace(temp, out_dir)
         shutil.rmtree(aside)
