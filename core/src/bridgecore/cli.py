@@ -387,7 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.fn(args)
-        _leave_process_group()
+        from bridgecore.megatron import parallel
+
+        parallel.leave()
         return status
     except BridgeError as exc:
         if args.traceback:
@@ -406,19 +408,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-
-
-def _leave_process_group() -> None:
-    """Tear down gloo before the interpreter does: left to exit, its threads can abort the process
-    ("terminate called without an active exception") after a successful run under torchrun.
-    megatron-core's parallel state goes with it, so a later command in this process starts afresh."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        if "megatron.core.parallel_state" in sys.modules:
-            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def _plugin_frame(exc: BaseException) -> tuple[PluginInfo, str] | None:

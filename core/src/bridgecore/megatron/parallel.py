@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,18 @@ def init_distributed() -> None:
         dist.init_process_group("gloo")
     else:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+
+
+def leave() -> None:
+    """Leave the process group with every rank, and forget megatron-core's parallel state with it, so a
+    later conversion in this process starts afresh. Left to the interpreter's exit, gloo's threads can
+    abort the process ("terminate called without an active exception") after a successful torchrun."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if "megatron.core.parallel_state" in sys.modules:  # set up by init_model_parallel; not imported for nothing
+        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 def init_model_parallel(layout: Layout) -> None:
