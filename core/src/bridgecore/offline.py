@@ -40,6 +40,7 @@ from bridgecore.mapping import Binding
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout
+from bridgecore.megatron.save import file_writer
 from bridgecore.megatron.params import LocalTensor, local_tensors
 
 ChunkId = tuple[str, tuple[int, ...]]
@@ -205,7 +206,7 @@ def stream_to_megatron(
             planner = _StreamingSavePlanner(bridge, recipes)
             dcp_save(
                 state,
-                storage_writer=_writer(temp / RELEASE, threads),
+                storage_writer=file_writer(temp / RELEASE, threads),
                 planner=planner,
                 no_dist=True,
             )
@@ -217,19 +218,6 @@ def stream_to_megatron(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _writer(path: Path, threads: int) -> Any:
-    """DCP's file writer, recording its path as a string as megatron-core's writer does: loaders
-    (ours included) refuse a ``.metadata`` that pickles a ``PosixPath``."""
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    class Writer(FileSystemWriter):
-        @property
-        def checkpoint_id(self) -> str:
-            return str(self.path)
-
-    return Writer(path, thread_count=threads)
 
 
 def _planner_base() -> type:

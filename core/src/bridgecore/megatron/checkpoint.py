@@ -27,6 +27,7 @@ from bridgecore.hf.config import copy_side_files
 from bridgecore.hf.writer import check_target, temporary_sibling
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.save import threaded_save_strategy
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -133,7 +134,9 @@ def save_dist(
             for i, chunk in enumerate(chunks):
                 state[_state_key(i, chunks)] = sharded_state_dict(chunk)
             _share_views(state)
-            parallel.collective(dist_checkpointing.save, state, str(temp / RELEASE))
+            parallel.collective(
+                dist_checkpointing.save, state, str(temp / RELEASE), sharded_strategy=threaded_save_strategy()
+            )
 
         def finish() -> None:
             if parallel.rank() == 0:
