@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -381,10 +382,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (torchrun stops every rank this way once one failed); unwinds like Ctrl-C,
+    so every temporary this run made is removed on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if not sys.warnoptions:  # megatron-core warns about absent GPU libraries at import; -W shows them
         warnings.simplefilter("ignore")
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"bridgecore: error: {_who()}interrupted (Ctrl-C); the output path was left as it was", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(
+            f"bridgecore: error: {_who()}stopped by SIGTERM (under torchrun: another rank failed, and torchrun's"
+            " report names it); the output path was left as it was",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _who() -> str:
+    return f"rank {_rank()}: " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         status = args.fn(args)
         from bridgecore.megatron import parallel

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -66,14 +69,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: seconds a rank waits for the others in one collective (``BRIDGECORE_TIMEOUT`` overrides it).
+DEFAULT_TIMEOUT = 1800
+
+
+def timeout_seconds() -> int:
+    """How long a collective may wait for the other ranks: ``BRIDGECORE_TIMEOUT`` or the default."""
+    value = os.environ.get("BRIDGECORE_TIMEOUT", str(DEFAULT_TIMEOUT))
+    if not value.isdigit() or int(value) <= 0:
+        raise BridgeError(f"BRIDGECORE_TIMEOUT={value!r}: expected a positive number of seconds")
+    return int(value)
+
+
 def init_distributed() -> None:
-    """Join torchrun's process group, or make a one-process group when run directly."""
+    """Join torchrun's process group, or make a one-process group when run directly; either way a
+    collective that waits longer than :func:`timeout_seconds` for another rank fails instead of hanging."""
     if dist.is_initialized():
         return
+    timeout = timedelta(seconds=timeout_seconds())
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
+
+
+@contextmanager
+def _peers_answer(what: str) -> Iterator[None]:
+    """A collective that fails because another rank died or hangs, as one line naming this rank."""
+    try:
+        yield
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise BridgeError(
+            f"rank {rank()}: {what} with the other ranks failed ({detail}); another rank died or did not answer"
+            f" within {timeout_seconds()} s (torchrun's report names it; BRIDGECORE_TIMEOUT sets the wait)"
+        ) from None
 
 
 def leave() -> None:
@@ -82,7 +114,8 @@ def leave() -> None:
     abort the process ("terminate called without an active exception") after a successful torchrun."""
     if not dist.is_initialized():
         return
-    dist.barrier()
+    with _peers_answer("the final barrier"):
+        dist.barrier()
     if "megatron.core.parallel_state" in sys.modules:  # set up by init_model_parallel; not imported for nothing
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
     dist.destroy_process_group()
@@ -140,7 +173,8 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     if world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with _peers_answer("gathering results"):
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -148,7 +182,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _peers_answer(f"receiving from rank {src}"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
