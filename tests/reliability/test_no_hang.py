@@ -19,7 +19,7 @@ Cli = Callable[..., Result]
 WRITE_ITEM = "torch.distributed.checkpoint.filesystem._write_item"
 
 # The torchrun ranks: rank 1 is SIGKILLed by its writer, as the OOM killer would stop it, mid-save.
-RANK_DIES = f"""
+RANK_DIES = """
 import os, signal
 from torch.distributed.checkpoint import filesystem
 _write = filesystem._write_item

@@ -40,8 +40,8 @@ from bridgecore.mapping import Binding
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout
-from bridgecore.megatron.save import file_writer
 from bridgecore.megatron.params import LocalTensor, local_tensors
+from bridgecore.megatron.save import file_writer
 
 ChunkId = tuple[str, tuple[int, ...]]
 #: params the offline export reads ahead of the one it writes.
