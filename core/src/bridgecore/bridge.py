@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from bridgecore import __version__
 from bridgecore.errors import BridgeError
@@ -30,6 +29,7 @@ from bridgecore.megatron.build import build_chunks
 from bridgecore.megatron.config import ModelConfig
 from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.plugins import PluginInfo, Plugins, installed
+from bridgecore.progress import track
 
 Model = list[torch.nn.Module]
 
@@ -319,7 +319,7 @@ class AutoBridge:
         bound = parallel.collective(self.bind, model, self.hf_keys, allow_unmapped)
 
         def load() -> None:
-            for t, b in tqdm(bound, desc="import", unit="tensor", disable=parallel.rank() != 0, leave=False):
+            for t, b in track(bound, "import", "tensor", enabled=parallel.rank() == 0):
                 sources = ", ".join(b.hf)
                 try:
                     value = b.mapping.to_megatron(self.reader, b.capture_dict, t.shard)
@@ -451,7 +451,7 @@ class AutoBridge:
                 writer = ShardedWriter.attach(out_dir, plan, size, temp)
 
             def write() -> None:
-                for t, b in tqdm(bound, desc="export", unit="tensor", disable=parallel.rank() != 0, leave=False):
+                for t, b in track(bound, "export", "tensor", enabled=parallel.rank() == 0):
                     pieces = self._pieces(t, b)
                     if t.writer:
                         for p in pieces:

@@ -42,6 +42,7 @@ from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.megatron.save import file_writer
+from bridgecore.progress import Progress, track
 
 ChunkId = tuple[str, tuple[int, ...]]
 #: params the offline export reads ahead of the one it writes.
@@ -201,9 +202,10 @@ def stream_to_megatron(
     temp = temporary_sibling(out_dir, "tmp")
     try:
         (temp / RELEASE).mkdir(parents=True)
-        with _simulated_rank(0, 1, Layout()):  # megatron's conversion asks for the rank
+        progress = Progress("offline import", len(recipes), "chunk")
+        with _simulated_rank(0, 1, Layout()), progress:  # megatron's conversion asks for the rank
             state = mcore_to_pyt_state_dict(saved, False)
-            planner = _StreamingSavePlanner(bridge, recipes)
+            planner = _StreamingSavePlanner(bridge, recipes, progress)
             dcp_save(
                 state,
                 storage_writer=file_writer(temp / RELEASE, threads),
@@ -233,9 +235,9 @@ class _StreamingSavePlanner(_planner_base()):
     the param is kept until its last chunk is resolved, so each is read from HF once.
     """
 
-    def __init__(self, bridge: AutoBridge, recipes: dict[ChunkId, _Recipe]):
+    def __init__(self, bridge: AutoBridge, recipes: dict[ChunkId, _Recipe], progress: Progress):
         super().__init__(flatten_state_dict=False)
-        self.bridge, self.recipes = bridge, recipes
+        self.bridge, self.recipes, self.progress = bridge, recipes, progress
         self._uses = Counter(self._param_id(r) for r in recipes.values())
         self._made: dict[tuple[str, int], torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -249,7 +251,9 @@ class _StreamingSavePlanner(_planner_base()):
         if recipe is None:  # a saved object (bytes), not a tensor chunk
             return super().lookup_object(index)
         chunk = super().lookup_object(index)
-        return exact_storage(recipe.region.of(self._param(recipe)).reshape(chunk.shape))
+        made = exact_storage(recipe.region.of(self._param(recipe)).reshape(chunk.shape))
+        self.progress.update()
+        return made
 
     def _param(self, recipe: _Recipe) -> torch.Tensor:
         key = self._param_id(recipe)
@@ -315,7 +319,7 @@ def stream_to_hf(
         return value
 
     try:
-        for (_, b), value in _read_ahead(bound, read):
+        for (_, b), value in track(_read_ahead(bound, read), "offline export", "param", total=len(bound)):
             for piece in b.mapping.to_hf([value], b.capture_dict):
                 dtype = bridge.source.dtype(piece.name) if piece.name in bridge.hf_keys else value.dtype
                 writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
