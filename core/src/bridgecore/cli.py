@@ -59,6 +59,15 @@ def _note_leftovers(target: Path) -> None:
         say(f"note: {target.parent} holds {names}, left by interrupted runs; delete them once no run writes there")
 
 
+def _apart(source: Path, out: Path) -> None:
+    """Refuse an output that is the input, lies inside it, or contains it: replacing it (--overwrite)
+    or writing into it would destroy the checkpoint being read."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        relation = "is" if src == dst else "lies inside" if src in dst.parents else "contains"
+        raise BridgeError(f"{out}: {relation} the input {source}; expected an output directory apart from the input")
+
+
 def _layout_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel layout (world size = torchrun's --nproc-per-node)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
@@ -153,6 +162,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    _apart(args.hf_dir, args.megatron_dir)
     _note_leftovers(Path(args.megatron_dir))
     bridge = _bridge(args)
     start = time.perf_counter()
@@ -182,6 +192,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
 
+    _apart(args.megatron_dir, args.hf_dir)
     _note_leftovers(Path(args.hf_dir))
     start = time.perf_counter()
     if args.offline:
@@ -230,6 +241,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     from bridgecore.megatron import parallel
 
     if args.keep:
+        _apart(args.hf_dir, Path(args.keep))
         _note_leftovers(Path(args.keep))
     bridge = _bridge(args)
     model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)

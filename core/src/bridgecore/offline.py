@@ -41,7 +41,7 @@ from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
-from bridgecore.megatron.save import file_writer
+from bridgecore.megatron.save import file_writer, write_error
 from bridgecore.progress import Progress, track
 
 ChunkId = tuple[str, tuple[int, ...]]
@@ -215,10 +215,13 @@ def stream_to_megatron(
             strategy = get_default_save_sharded_strategy()
             save_config(CheckpointingConfig(strategy.backend, strategy.version), str(temp / RELEASE))
             torch.save(common, temp / RELEASE / "common.pt")
-        publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir)
-    except BaseException:
+        publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
+    except BaseException as exc:
         shutil.rmtree(temp, ignore_errors=True)
-        raise
+        error = write_error(exc, out_dir)
+        if error is None or error is exc:
+            raise
+        raise error from exc
     return out_dir
 
 

@@ -83,6 +83,11 @@ class CheckpointReader:
             whole = torch.empty(entry.shape, dtype=dtype)
         else:
             data = self._map(self.file_of(name))
+            if len(data) < entry.end:
+                raise BridgeError(
+                    f"{self.file_of(name)}: ends at byte {len(data)}, before tensor {name!r} ends at byte"
+                    f" {entry.end}; the file was truncated or replaced while being read"
+                )
             count = math.prod(entry.shape)
             whole = torch.frombuffer(data, dtype=dtype, count=count, offset=entry.begin).view(entry.shape)
         part = whole[index]

@@ -72,7 +72,7 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise BridgeError(f"{out_dir}: exists and is not a directory; expected a new or existing output directory")
     if out_dir.exists() and not overwrite:
-        raise BridgeError(f"{out_dir}: already exists; expected a new output directory (or pass overwrite)")
+        raise BridgeError(f"{out_dir}: already exists; expected a new output directory (or pass --overwrite)")
 
 
 #: the hidden siblings a run makes beside its output: the output being written, the old output

@@ -27,7 +27,7 @@ from bridgecore.hf.config import copy_side_files
 from bridgecore.hf.writer import check_target, temporary_sibling
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
-from bridgecore.megatron.save import threaded_save_strategy
+from bridgecore.megatron.save import threaded_save_strategy, write_error
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -118,7 +118,6 @@ def save_dist(
 
     ``extra(temp_dir)`` runs on rank 0 before the directory is moved into place, to add files."""
     from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
 
     parallel.collective(check_target, out_dir, overwrite)
     temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
@@ -142,38 +141,44 @@ def save_dist(
             if parallel.rank() == 0:
                 if extra is not None:
                     extra(temp)
-                publish(temp, out_dir, meta, side_files_from)
+                publish(temp, out_dir, meta, side_files_from, overwrite)
 
         parallel.collective(finish)
     except BaseException as exc:
         if parallel.rank() == 0:
             shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(exc, (OSError, CheckpointException)):
-            # A full disk surfaces from megatron-core's writer threads as a multi-line report.
-            cause = str(exc).strip().splitlines()[-1]
-            free = shutil.disk_usage(out_dir.parent).free
-            raise BridgeError(
-                f"{out_dir}: writing the torch_dist checkpoint failed ({cause}; {free} bytes free on that disk);"
-                " the output path was left as it was"
-            ) from exc
-        raise
+        error = write_error(exc, out_dir)
+        if error is None or error is exc:
+            raise
+        raise error from exc
 
 
-def publish(temp: Path, out_dir: Path, meta: dict[str, Any], side_files_from: Path | None) -> None:
+def publish(
+    temp: Path, out_dir: Path, meta: dict[str, Any], side_files_from: Path | None, overwrite: bool = False
+) -> None:
     """Add the tracker, the bridgecore record and the side files to ``temp`` (whose ``release/``
-    holds the torch_dist files) and move it to ``out_dir``, replacing what was there."""
+    holds the torch_dist files) and move it to ``out_dir``.
+
+    The target is checked again here, as the run may have taken hours: what appeared there meanwhile
+    (another run's output, anyone's directory) is replaced only with ``overwrite``, else refused."""
     (temp / TRACKER).write_text(RELEASE)
     (temp / META).write_text(json.dumps(meta, indent=1) + "\n")
     if side_files_from is not None:
         (temp / SIDE).mkdir()
         copy_side_files(side_files_from, temp / SIDE)
+    check_target(out_dir, overwrite)
     if out_dir.exists():
         aside = temporary_sibling(out_dir, "old")
         os.replace(out_dir, aside)
         os.replace(temp, out_dir)
         shutil.rmtree(aside)
-    else:
-        os.replace(temp, out_dir)
+        return
+    try:
+        os.rename(temp, out_dir)
+    except OSError as err:  # a non-empty directory appeared since the check: another run finished first
+        raise BridgeError(
+            f"{out_dir}: appeared while this run was writing ({err.strerror}); pass --overwrite to replace it"
+        ) from None
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
@@ -231,14 +236,34 @@ def check_pickles(release: Path) -> None:
         ) from None
 
 
-def load_dist(chunks: list[torch.nn.Module], ckpt_dir: Path) -> None:
-    """Load a torch_dist checkpoint into this rank's chunks, whatever layout it was saved with."""
+def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
+    """megatron-core's load of ``state`` from ``release``; files that do not describe this model (a
+    ``.metadata`` of another checkpoint, chunks that are not where it says) are one line naming them."""
     from megatron.core import dist_checkpointing
 
+    try:
+        return dist_checkpointing.load(state, str(release))
+    except BridgeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to read the files is the same refusal
+        cause = err
+    except BaseException as err:  # DCP wraps a reader's failure in a BaseException
+        failures = getattr(err, "failures", None)
+        if not failures:
+            raise
+        cause = next(iter(failures.values()))[0]
+    raise BridgeError(
+        f"{release}: the torch_dist files do not hold this model's tensors as bridgecore.json describes"
+        f" ({type(cause).__name__}: {' '.join(str(cause).split())[:200]}); expected the files of one import"
+    ) from None
+
+
+def load_dist(chunks: list[torch.nn.Module], ckpt_dir: Path) -> None:
+    """Load a torch_dist checkpoint into this rank's chunks, whatever layout it was saved with."""
     parallel.collective(check_pickles, ckpt_dir / RELEASE)
     state = {_state_key(i, chunks): sharded_state_dict(chunk) for i, chunk in enumerate(chunks)}
     with cpu_compat():
-        loaded = parallel.collective(dist_checkpointing.load, state, str(ckpt_dir / RELEASE))
+        loaded = parallel.collective(_load_files, state, ckpt_dir / RELEASE)
 
     def apply() -> None:
         for i, chunk in enumerate(chunks):

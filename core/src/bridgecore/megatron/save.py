@@ -10,22 +10,59 @@ to torch's ``FileSystemWriter``, whose threads raise into the save when they fai
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
+from bridgecore.errors import BridgeError
+
+#: how DCP's extra writer threads are named (after their target function).
+_WRITER_THREAD = "(_write_files_from_queue)"
 #: writer threads per rank, each writing its own ``.distcp`` file (megatron-core's default count).
 THREADS = 2
 
 
 def file_writer(path: Path, threads: int = THREADS) -> Any:
     """DCP's file writer, recording its path as a string as megatron-core's writer does: loaders
-    (ours included) refuse a ``.metadata`` that pickles a ``PosixPath``."""
+    (ours included) refuse a ``.metadata`` that pickles a ``PosixPath``.
+
+    DCP's extra writer threads drop what they raise (torch prints it and writes a ``.metadata``
+    without their files' chunks); this writer raises it instead, and refuses any write that did not
+    account for every planned item."""
     from torch.distributed.checkpoint import FileSystemWriter
 
     class Writer(FileSystemWriter):
         @property
         def checkpoint_id(self) -> str:
             return str(self.path)
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            failures: list[BaseException] = []
+            previous = threading.excepthook
+
+            def record(args: Any) -> None:
+                if args.thread is not None and args.thread.name.endswith(_WRITER_THREAD):
+                    failures.append(args.exc_value)
+                else:
+                    previous(args)
+
+            threading.excepthook = record
+            try:
+                written = super().write_data(plan, planner)
+            finally:
+                # When this thread's own share failed, the others may still be writing theirs.
+                for thread in threading.enumerate():
+                    if thread.name.endswith(_WRITER_THREAD) and thread is not threading.current_thread():
+                        thread.join()
+                threading.excepthook = previous
+            if failures:
+                raise failures[0]
+            if len(written.value()) != len(plan.items):
+                raise BridgeError(
+                    f"{self.path}: the writer threads wrote {len(written.value())} of {len(plan.items)} planned items"
+                )
+            return written
 
     return Writer(path, thread_count=threads)
 
@@ -54,3 +91,28 @@ def threaded_save_strategy(threads: int = THREADS) -> Any:
 
     default = get_default_save_sharded_strategy()
     return ThreadedSave(default.backend, default.version, thread_count=threads)
+
+
+def write_error(exc: BaseException, out_dir: Path) -> BaseException | None:
+    """What to raise for a failed torch_dist write: a one-line error, the interruption itself (Ctrl-C,
+    SIGTERM), or None when ``exc`` is no write failure.
+
+    DCP reports what its writer threads raised (a lossy cast, a shape mismatch, a full disk) or an
+    interruption while it waited wrapped in a ``CheckpointException`` holding each rank's exception and
+    traceback; the first one is the cause.
+    """
+    failures = getattr(exc, "failures", None)
+    cause = next(iter(failures.values()))[0] if failures else exc
+    if isinstance(cause, BridgeError) or not isinstance(cause, Exception):
+        return cause
+    if not isinstance(cause, OSError) and cause is exc:
+        return None
+    if isinstance(cause, OSError) and cause.strerror:
+        detail = f"{cause.strerror}{f': {cause.filename}' if cause.filename else ''}"
+    else:
+        detail = f"{type(cause).__name__}: {' '.join(str(cause).split())[:200]}"
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    return BridgeError(
+        f"{out_dir}: writing the torch_dist checkpoint failed ({detail};"
+        f" {shutil.disk_usage(existing).free} bytes free on that disk); the output path was left as it was"
+    )
