@@ -30,11 +30,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 EPILOG = """examples:
   bridgecore demo                                   convert every installed family's tiny model
   bridgecore inspect ./Step-3.5-Flash               plugin, Megatron config, full mapping table
-  bridgecore import ./hf ./megatron --tp 2          HF -> torch_dist (Megatron-LM --load)
+  bridgecore import ./hf ./megatron                 HF -> torch_dist (Megatron-LM --load)
   torchrun --nproc-per-node 4 -m bridgecore import ./hf ./megatron --tp 2 --ep 2
   bridgecore export ./megatron ./hf-out             torch_dist -> HF (any saved layout)
   bridgecore import ./hf ./megatron --offline --tp 8 --ep 8   no model in memory, one tensor at a time
-  bridgecore roundtrip ./hf --tp 2                  HF -> Megatron -> HF, bit-exact check
+  torchrun --nproc-per-node 2 -m bridgecore roundtrip ./hf --tp 2   HF -> Megatron -> HF, bit-exact check
   bridgecore verify ./hf                            Megatron logits vs the transformers reference
 """
 
@@ -95,8 +95,22 @@ def _layout(args: argparse.Namespace):
     return Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
 
 
+def _hf_input(path: Path) -> Path:
+    """``path``, after refusing a Megatron checkpoint given where an HF one is expected."""
+    from bridgecore.megatron.checkpoint import META, RELEASE
+
+    if not (path / "config.json").exists() and ((path / RELEASE).is_dir() or (path / META).is_file()):
+        raise BridgeError(
+            f"{path}: is a Megatron torch_dist checkpoint, not an HF one (no config.json);"
+            f" to convert it to HF run `bridgecore export {path} OUT_DIR`"
+        )
+    return path
+
+
 def _bridge(args: argparse.Namespace):
     from bridgecore.bridge import AutoBridge
+
+    _hf_input(args.hf_dir)
 
     dtype = DTYPES[args.params_dtype] if getattr(args, "params_dtype", None) else None
     return AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype)
@@ -129,7 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
     from bridgecore.megatron.parallel import Layout
 
-    bridge = AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin)
+    bridge = AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin)
     c = bridge.config
     print(f"checkpoint  {args.hf_dir}")
     print(f"plugin      {bridge.plugin.name} ({bridge.plugin.distribution} {bridge.plugin.version})")
@@ -270,7 +284,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
     from bridgecore.megatron.compat import cpu_compat
 
-    bridge = AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=torch.float32)
+    bridge = AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin, params_dtype=torch.float32)
+    try:
+        import transformers  # noqa: F401 - the plugins' reference forwards need it
+    except ImportError:
+        raise BridgeError(
+            f"verify compares against transformers, which is not installed;"
+            f" pip install '{bridge.plugin.distribution}[verify]'"
+        ) from None
     reference = bridge.plugins.call_owned("hf_reference", bridge.plugin, hf_config=bridge.hf_config)
     if reference is None:
         raise BridgeError(f"plugin {bridge.plugin.name} offers no reference forward for this checkpoint")
@@ -293,7 +314,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bridgecore.demo import run_demo
 
-    return run_demo(Path(args.out) if args.out else None, args.only)
+    return run_demo(Path(args.out) if args.out else None, args.only, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny model of every installed family: generate, import, export, check")
     p.add_argument("--out", help="keep the generated checkpoints here (default: a temporary directory)")
     p.add_argument("--only", action="append", metavar="NAME", help="run only these tiny models (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="with --out, replace DIR/<model>/ from an earlier run")
     p.set_defaults(fn=cmd_demo)
     for command in sub.choices.values():
         command.add_argument(

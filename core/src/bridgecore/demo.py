@@ -14,11 +14,12 @@ from pathlib import Path
 from bridgecore.bridge import AutoBridge
 from bridgecore.compare import compare_checkpoints
 from bridgecore.errors import BridgeError
+from bridgecore.hf.writer import check_target
 from bridgecore.plugins import installed
 from bridgecore.tiny import TinyModel
 
 
-def run_demo(out: Path | None, only: Sequence[str] | None = None) -> int:
+def run_demo(out: Path | None, only: Sequence[str] | None = None, overwrite: bool = False) -> int:
     plugins = installed()
     tiny = [t for found in plugins.call_all("tiny_models") for t in (found or [])]
     if only:
@@ -30,6 +31,9 @@ def run_demo(out: Path | None, only: Sequence[str] | None = None) -> int:
         tiny = [t for t in tiny if t.name in only]
     if not tiny:
         raise BridgeError(f"no installed plugin ships a tiny model; installed: {plugins.summary()}")
+    if out is not None:
+        for model in tiny:
+            check_target(out / model.name, overwrite)
     base = out or Path(tempfile.mkdtemp(prefix="bridgecore-demo-"))
     try:
         rows = [_convert(model, base / model.name) for model in tiny]

@@ -53,7 +53,14 @@ class Plugins:
 
     def _load(self) -> None:
         wanted = {w.strip() for w in os.environ.get("BRIDGECORE_PLUGINS", "").split(",") if w.strip()}
-        for ep in entry_points(group=hookspecs.PROJECT):
+        found = list(entry_points(group=hookspecs.PROJECT))
+        known = {ep.name for ep in found} | {ep.dist.name for ep in found if ep.dist}
+        if wanted - known:
+            raise BridgeError(
+                f"BRIDGECORE_PLUGINS names {', '.join(sorted(wanted - known))}, which is not installed;"
+                f" installed: {', '.join(sorted(ep.name for ep in found)) or 'none'}"
+            )
+        for ep in found:
             dist = ep.dist.name if ep.dist else ep.name
             if wanted and ep.name not in wanted and dist not in wanted:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -128,9 +129,16 @@ def init_model_parallel(layout: Layout) -> None:
     init_distributed()
     world = dist.get_world_size()
     if world % (layout.tp * layout.pp) or world % (layout.etp * layout.ep * layout.pp):
+        need = math.lcm(layout.tp * layout.pp, layout.etp * layout.ep * layout.pp)
+        hint = (
+            f"; run it under `torchrun --nproc-per-node {need} -m bridgecore ...`, or for import and export"
+            " use --offline (one process, any layout)"
+            if world == 1
+            else ""
+        )
         raise BridgeError(
             f"{layout} does not fit a world of {world} processes: it must be a multiple of TP×PP"
-            f" ({layout.tp * layout.pp}) and of ETP×EP×PP ({layout.etp * layout.ep * layout.pp})"
+            f" ({layout.tp * layout.pp}) and of ETP×EP×PP ({layout.etp * layout.ep * layout.pp}){hint}"
         )
     if parallel_state.model_parallel_is_initialized():
         groups = _groups_of(parallel_state)
