@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -111,7 +112,6 @@ def _bridge(args: argparse.Namespace):
     from bridgecore.bridge import AutoBridge
 
     _hf_input(args.hf_dir)
-
     dtype = DTYPES[args.params_dtype] if getattr(args, "params_dtype", None) else None
     return AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype)
 
@@ -429,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sys.warnoptions:  # megatron-core warns about absent GPU libraries at import; -W shows them
         warnings.simplefilter("ignore")
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -443,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 128 + signal.SIGTERM
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _who() -> str:
