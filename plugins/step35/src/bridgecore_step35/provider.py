@@ -345,13 +345,13 @@ def step35_model_config(text_config: dict[str, Any], **overrides: Any) -> Step35
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     types = _layer_types(cfg, layers, mtp)
     other = cfg.get("attention_other_setting") or {}
-    sliding = {"num_sliding_attention_heads": other.get("num_attention_heads"), **cfg}
-    sliding_heads = int(_same(sliding, "num_sliding_attention_heads") or heads)
-    if other.get("num_attention_heads") is not None and int(other["num_attention_heads"]) != sliding_heads:
+    released, transformers = other.get("num_attention_heads"), cfg.get("num_sliding_attention_heads")
+    if released is not None and transformers is not None and int(released) != int(transformers):
         raise BridgeError(
-            f"config.json attention_other_setting.num_attention_heads ({other['num_attention_heads']}) and"
-            f" num_sliding_attention_heads ({sliding_heads}) disagree"
+            f"config.json attention_other_setting.num_attention_heads ({released}) and"
+            f" num_sliding_attention_heads ({transformers}) disagree"
         )
+    sliding_heads = int(transformers or released or heads)
     _check_per_layer(cfg, types, heads, sliding_heads)
     if SLIDING in types and not cfg.get("sliding_window"):
         raise BridgeError("config.json has sliding_attention layers but no sliding_window")
