@@ -93,7 +93,7 @@ def test_offline_paths_match_the_in_memory_ones(one_rank: Path, checkpoints: dic
         _exact(checkpoints[name], out / export)
 
 
-def test_cli_says_mtp_is_left_out_in_one_note(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_says_mtp_is_left_out_in_one_note(checkpoints: dict[str, Path]) -> None:
     """`roundtrip` of a checkpoint whose config declares MTP that save_pretrained dropped: one note, exact."""
     done = run_cli("roundtrip", str(checkpoints["qwen35-moe"]))
     assert done.returncode == 0, done.stderr[-2000:]
