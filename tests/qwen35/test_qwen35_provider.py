@@ -77,6 +77,8 @@ def test_explicit_layer_types_win(tmp_path) -> None:
         ("mtp_num_hidden_layers", 2, "mtp_num_hidden_layers"),
         ("layer_types", ["full_attention"], "layer_types"),
         ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6}, "rope_type"),
+        ("rope_parameters", {"rope_type": "default", "rope_theta": 1e7, "factor": 4.0}, r"has \['factor'\]"),
+        ("partial_rotary_factor", 0.5, r"partial_rotary_factor \(0.5\) and rope_parameters"),
     ],
 )
 def test_unsupported_values_are_one_line_errors(tmp_path, key, value, message) -> None:
@@ -89,3 +91,29 @@ def test_unsupported_values_are_one_line_errors(tmp_path, key, value, message) -
 def test_other_architectures_are_declined() -> None:
     assert plugin.provider_config(hf_config={"architectures": ["LlamaForCausalLM"]}) is None
     assert "Qwen3_5MoeForConditionalGeneration" in plugin.architectures()
+
+
+@pytest.mark.parametrize("write", [tiny.write_dense, tiny.write_moe_vl])
+def test_config_as_transformers_writes_it(tmp_path, write) -> None:
+    """transformers' own config classes re-save our configs (rope_parameters with mrope keys, layer_types,
+    nested text_config); the Megatron config is the same."""
+    import transformers
+
+    hf = _config(tmp_path, write)
+    vl = "text_config" in hf
+    cls = transformers.AutoConfig.for_model(hf["model_type"]).__class__
+    fields = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
+    written = {**cls(**fields).to_dict(), "architectures": hf["architectures"]}
+    assert ("text_config" in written) == vl and "rope_parameters" in (written.get("text_config") or written)
+    ours, theirs = plugin.provider_config(hf_config=hf), plugin.provider_config(hf_config=written)
+    for field in (
+        "linear_attention_freq",
+        "rotary_base",
+        "rotary_percent",
+        "num_moe_experts",
+        "share_embeddings_and_output_weights",
+        "mtp_num_layers",
+        "kv_channels",
+        "params_dtype",
+    ):
+        assert getattr(theirs, field) == getattr(ours, field), field

@@ -108,7 +108,7 @@ def test_not_step35() -> None:
     [
         ({"layer_types": TYPES[:10]}, "layer_types (+ mtp_layer_types) has 10 entries"),
         ({"layer_types": TYPES[:45], "mtp_layer_types": [FULL]}, "has 46 entries"),
-        ({"moe_num_experts": None}, "lacks moe_num_experts"),
+        ({"moe_num_experts": None}, "lacks moe_num_experts (or n_routed_experts)"),
         ({"layer_types": ["chunked_attention"] * 48}, "chunked_attention"),
         ({"rope_theta": [1e4] * 7}, "rope_theta has 7 entries"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type is 'yarn'"),
@@ -124,5 +124,85 @@ def test_not_step35() -> None:
 )
 def test_rejected(change, message) -> None:
     cfg = {k: v for k, v in {**RELEASED, **change}.items() if v is not None}
+    with pytest.raises(BridgeError, match=re.escape(message)):
+        step35_model_config(cfg)
+
+
+def _as_transformers_writes(released: dict) -> dict:
+    """The text_config transformers' `Step3p7Config.save_pretrained` writes for a released text config."""
+    from transformers import Step3p7Config
+
+    return Step3p7Config(text_config=copy.deepcopy(released)).to_dict()["text_config"]
+
+
+#: Step35Config fields that carry the numerics of the model.
+_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "num_moe_experts",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_layer_freq",
+    "moe_router_topk_scaling_factor",
+    "mtp_num_layers",
+    "layer_types",
+    "rotary_bases",
+    "rotary_percents",
+    "llama3_rope",
+    "sliding_window",
+    "sliding_num_attention_heads",
+    "sliding_num_query_groups",
+    "sliding_kv_channels",
+    "swiglu_limits",
+    "swiglu_limits_shared",
+)
+
+
+def test_transformers_spelling_means_the_released_model() -> None:
+    """n_routed_experts, mlp_layer_types, rope_parameters per layer type, ... give the same config."""
+    written = _as_transformers_writes(RELEASED)
+    assert "moe_num_experts" not in written and "rope_theta" not in written and "moe_layers_enum" not in written
+    assert set(written["rope_parameters"]) == {FULL, "sliding_attention"}
+    ours, theirs = step35_model_config(RELEASED), step35_model_config(written)
+    for name in _FIELDS:
+        assert getattr(theirs, name) == getattr(ours, name), name
+    assert [theirs.rope_scaled(i) for i in range(48)] == [ours.rope_scaled(i) for i in range(48)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_parameters.full_attention.rope_type": "yarn"}, "rope_parameters.full_attention.rope_type is 'yarn'"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e6}}, "one object per layer type"),
+        ({"rope_parameters.full_attention.mscale": 1.0}, "rope_parameters.full_attention has ['mscale']"),
+        ({"rope_parameters.sliding_attention.factor": 2.0}, "rope_parameters.sliding_attention has ['factor']"),
+        ({"rope_theta": 1e4}, "rope_theta and rope_parameters describe different ropes"),
+        ({"yarn_only_types": ["sliding_attention"]}, "yarn_only_types and rope_parameters"),
+        ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar is 64"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"gating": "per-channel"}, "gating is 'per-channel'"),
+        ({"per_layer_config": {"1": {"num_attention_heads": 64}}}, "per_layer_config.1.num_attention_heads is 64"),
+        ({"per_layer_config": {"1": {"head_dim": 64}}}, "per_layer_config.1 overrides ['head_dim']"),
+        ({"mlp_layer_types": ["sparse"] * 44}, "mlp_layer_types"),
+        ({"mtp_mlp_layer_types": ["sparse"] * 3}, "mtp_mlp_layer_types"),
+        ({"moe_layers_enum": "4,5"}, "moe_layers_enum ('4,5') and mlp_layer_types"),
+        ({"moe_num_experts": 7}, "moe_num_experts (7) and n_routed_experts (288) disagree"),
+        ({"num_attention_groups": 4}, "disagree"),
+    ],
+)
+def test_transformers_spelling_rejected(change, message) -> None:
+    """A key transformers writes that we cannot honour, or that contradicts another, is named."""
+    cfg = _as_transformers_writes(RELEASED)
+    for key, value in change.items():
+        *path, last = key.split(".")
+        target = cfg
+        for part in path:
+            target = target[part]
+        target[last] = value
     with pytest.raises(BridgeError, match=re.escape(message)):
         step35_model_config(cfg)

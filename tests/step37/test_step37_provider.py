@@ -55,6 +55,9 @@ def test_explicit_text_fields_win() -> None:
         (("vision_config", "hidden_act"), "gelu", "hidden_act"),
         (("vision_config", "heads"), 256, "divisible by 4"),
         (("understand_projector_stride",), 3, "understand_projector_stride"),
+        (("vision_config", "rope_parameters"), {"rope_type": "default", "rope_theta": 1e4}, "rope_type is 'default'"),
+        (("vision_config", "rope_parameters"), {"rope_type": "axial", "factor": 2.0}, r"has \['factor'\]"),
+        (("text_config", "rope_parameters"), {"rope_type": "default", "rope_theta": 1e4}, "one object per layer type"),
     ],
 )
 def test_rejects_what_the_tower_cannot_run(path: tuple[str, ...], value: object, message: str) -> None:

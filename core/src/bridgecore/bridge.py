@@ -157,6 +157,8 @@ class AutoBridge:
         self.passthrough_reader = reader
         #: tensors and params ``--allow-unmapped`` left out at the last bind (rank 0), to report.
         self.waived: list[str] = []
+        #: what the conversion decided on its own (e.g. leaving out MTP the checkpoint lacks), to say.
+        self.notes: list[str] = []
 
     @classmethod
     def from_hf_pretrained(
@@ -214,7 +216,9 @@ class AutoBridge:
                 bf16=params_dtype == torch.bfloat16,
                 fp16=params_dtype == torch.float16,
             )
-        return cls(hf_dir, hf_config, owner, plugins, config, reader, source)
+        bridge = cls(hf_dir, hf_config, owner, plugins, config, reader, source)
+        bridge._leave_out_absent_mtp()
+        return bridge
 
     @classmethod
     def from_megatron_checkpoint(
@@ -237,6 +241,17 @@ class AutoBridge:
         if (ckpt_dir / PASSTHROUGH).is_dir():
             bridge.passthrough_reader = CheckpointReader(ckpt_dir / PASSTHROUGH)
         return bridge
+
+    def _leave_out_absent_mtp(self) -> None:
+        """Build without the MTP layers config.json declares when the checkpoint holds none of them."""
+        from bridgecore.mtp import without_absent_mtp
+
+        if not self.config.mtp_num_layers or not self.hf_keys:
+            return
+        mappings = self.plugins.call_owned("mappings", self.plugin, config=self.config, hf_keys=self.hf_keys)
+        self.config, note = without_absent_mtp(self.config, mappings or [], self.hf_keys)
+        if note:
+            self.notes.append(note)
 
     # -- configuration and tables -------------------------------------------------------------
     def to_megatron_config(self) -> ModelConfig:

@@ -113,7 +113,13 @@ def _bridge(args: argparse.Namespace):
 
     _hf_input(args.hf_dir)
     dtype = DTYPES[args.params_dtype] if getattr(args, "params_dtype", None) else None
-    return AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype)
+    return _say_notes(AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype))
+
+
+def _say_notes(bridge: AutoBridge) -> AutoBridge:
+    for note in bridge.notes:
+        say(f"note: {note}")
+    return bridge
 
 
 def _report_waived(bridge: AutoBridge) -> None:
@@ -143,7 +149,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
     from bridgecore.megatron.parallel import Layout
 
-    bridge = AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin)
+    bridge = _say_notes(AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin))
     c = bridge.config
     print(f"checkpoint  {args.hf_dir}")
     print(f"plugin      {bridge.plugin.name} ({bridge.plugin.distribution} {bridge.plugin.version})")
@@ -284,7 +290,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
     from bridgecore.megatron.compat import cpu_compat
 
-    bridge = AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin, params_dtype=torch.float32)
+    bridge = _say_notes(
+        AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin, params_dtype=torch.float32)
+    )
     try:
         import transformers  # noqa: F401 - the plugins' reference forwards need it
     except ImportError:

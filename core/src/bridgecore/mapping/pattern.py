@@ -48,6 +48,18 @@ class Pattern:
         m = self.regex.match(name)
         return None if m is None else {k: int(v) for k, v in m.groupdict().items()}
 
+    def partial_regex(self, captures: dict[str, int]) -> re.Pattern[str]:
+        """Matches the names of this pattern whose `captures` have these values (offsets applied),
+        any digits standing for the other captures."""
+        out, pos = [], 0
+        for m in _FIELD.finditer(self.text):
+            out.append(re.escape(self.text[pos : m.start()]))
+            name, offset = m.group(1), m.group(2)
+            out.append(str(captures[name] + (int(offset) if offset else 0)) if name in captures else r"\d+")
+            pos = m.end()
+        out.append(re.escape(self.text[pos:]))
+        return re.compile("".join(out) + r"\Z")
+
     def format(self, captures: dict[str, int]) -> str:
         def field(m: re.Match[str]) -> str:
             name, offset = m.group(1), m.group(2)

@@ -71,12 +71,28 @@ def layer_types(text: dict[str, Any]) -> list[str]:
     return list(types)
 
 
+#: the `rope_parameters` keys of a default rope. The mrope keys only place image and video tokens
+#: (the language model's text positions are the same on all three axes), which are not converted.
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"}
+
+
 def _rope(text: dict[str, Any]) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor) from `rope_parameters` (transformers 5) or the legacy keys."""
-    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    """(rope_theta, partial_rotary_factor) from `rope_parameters` (transformers 5) or the legacy keys.
+
+    A rope type other than default, or a key a default rope does not have, is an error naming it;
+    a legacy key beside `rope_parameters` must agree with it.
+    """
+    key = "rope_parameters" if text.get("rope_parameters") is not None else "rope_scaling"
+    rope = dict(text.get(key) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise BridgeError(f"config.json rope_parameters.rope_type is {rope_type!r}; only 'default' is supported")
+        raise BridgeError(f"config.json {key}.rope_type is {rope_type!r}; only 'default' is supported")
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if unknown:
+        raise BridgeError(f"config.json {key} has {unknown}, which a default rope does not use")
+    for name in ("rope_theta", "partial_rotary_factor"):
+        if name in rope and text.get(name) is not None and float(text[name]) != float(rope[name]):
+            raise BridgeError(f"config.json {name} ({text[name]}) and {key}.{name} ({rope[name]}) disagree")
     theta = rope.get("rope_theta", text.get("rope_theta", 10000.0))
     partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     return float(theta), float(partial)

@@ -82,6 +82,11 @@ def vision_config(cfg: dict[str, Any]) -> VisionConfig:
             " (2D rope rotates pairs for both axes)"
         )
     rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise BridgeError(f"config.json vision_config.rope_parameters.rope_type is {rope['rope_type']!r}; only 'axial'")
+    unknown = sorted(set(rope) - {"rope_type", "rope_theta"})
+    if unknown:
+        raise BridgeError(f"config.json vision_config.rope_parameters has {unknown}, which the 2D rope does not use")
     return VisionConfig(
         width=width,
         layers=layers,

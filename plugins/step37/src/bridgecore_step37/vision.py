@@ -218,7 +218,10 @@ def insert_image_features(
 
 
 def multimodal_logits(model: Step37Model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """Logits [batch, seq, vocab] of a single-stage model, with the causal mask and positions 0..seq-1."""
+    """Logits [batch, seq, vocab] of a single-stage model, with the causal mask and positions 0..seq-1,
+    the vocab gathered over TP."""
+    from bridgecore.megatron.config import gather_vocab
+
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     mask = torch.ones(seq, seq, dtype=torch.bool).triu(1).view(1, 1, seq, seq)
@@ -227,6 +230,6 @@ def multimodal_logits(model: Step37Model, input_ids: torch.Tensor, pixel_values:
     mtp = (language.mtp_process, language.config.mtp_num_layers)
     language.mtp_process, language.config.mtp_num_layers = False, None
     try:
-        return model(input_ids, position_ids, mask, pixel_values=pixel_values)
+        return gather_vocab(model(input_ids, position_ids, mask, pixel_values=pixel_values))
     finally:
         language.mtp_process, language.config.mtp_num_layers = mtp
