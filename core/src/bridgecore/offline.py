@@ -290,24 +290,32 @@ def stream_to_hf(
     plugin: str | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    hf_config: str | Path | None = None,
+    iteration: int | None = None,
 ) -> Path:
-    """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time.
 
+    Without ``hf_config`` the checkpoint is one ``bridgecore import`` wrote; with it, any Megatron
+    checkpoint of that model (a training run's ``iteration``, default the tracker's), read for its
+    model weights only."""
     from bridgecore.bridge import _write_json
-    from bridgecore.megatron.checkpoint import RELEASE
+    from bridgecore.megatron import training
 
     _require_no_process_group("offline export")
-    bridge = AutoBridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
+    if hf_config is not None:
+        bridge = training.bridge_for(hf_config, ckpt_dir, iteration, plugin=plugin)
+    else:
+        bridge = AutoBridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
-    release = Path(ckpt_dir) / RELEASE
-    saved = _SavedChunks(release, FileSystemReader(str(release)).read_metadata())
+    release = training.torch_dist_dir(ckpt_dir, iteration)
+    saved = _SavedChunks(release, training.saved_metadata(release))
     with _simulated_rank(0, 1, Layout()):
         chunks = bridge.build_chunks(Layout(), meta=True)
         bound = bridge.bind(chunks, None)
         plan = bridge.plan(bound)
         _, views, _ = _main_chunks(chunks, [t for t, _ in bound])
+    training.check_model_keys(bridge.config, [item for item, _, _ in views], saved.metadata, str(release))
     regions: dict[str, list[tuple[Any, _Region]]] = {}
     for item, param, region in views:
         regions.setdefault(param.name, []).append((item, region))
@@ -324,7 +332,7 @@ def stream_to_hf(
     try:
         for (_, b), value in track(_read_ahead(bound, read), "offline export", "param", total=len(bound)):
             for piece in b.mapping.to_hf([value], b.capture_dict):
-                dtype = bridge.source.dtype(piece.name) if piece.name in bridge.hf_keys else value.dtype
+                dtype = bridge.hf_dtype(piece.name, value.dtype)
                 writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
             buffers.give(value)
         if bridge.hf_dir is None:
