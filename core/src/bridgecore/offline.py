@@ -99,7 +99,9 @@ def _simulated_rank(rank: int, world: int, layout: Layout) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _sharded_state(chunks: list[torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _sharded_state(
+    chunks: list[torch.nn.Module], key_layout: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """What ``save_dist`` saves, split as megatron-core splits it: (sharded part, common part)."""
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
@@ -108,18 +110,18 @@ def _sharded_state(chunks: list[torch.nn.Module]) -> tuple[dict[str, Any], dict[
     state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
     with cpu_compat("meta"):
         for i, chunk in enumerate(chunks):
-            state[_state_key(i, chunks)] = sharded_state_dict(chunk)
+            state[_state_key(i, chunks)] = sharded_state_dict(chunk, key_layout)
     return save_preprocess(state, validate_access_integrity=False)
 
 
 def _main_chunks(
-    chunks: list[torch.nn.Module], tensors: list[LocalTensor]
+    chunks: list[torch.nn.Module], tensors: list[LocalTensor], key_layout: dict[str, Any] | None = None
 ) -> tuple[list[Any], list[tuple[Any, LocalTensor, _Region]], dict[str, Any]]:
     """This rank's saved objects and tensor chunks (main replicas only), each chunk with its param."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 
-    sharded, common = _sharded_state(chunks)
+    sharded, common = _sharded_state(chunks, key_layout)
     # Views share their base's storage; meta storages are distinct objects even without memory.
     by_storage = {t.tensor.untyped_storage()._cdata: t for t in tensors}
     objects, views = [], []
@@ -314,7 +316,8 @@ def stream_to_hf(
         chunks = bridge.build_chunks(Layout(), meta=True)
         bound = bridge.bind(chunks, None)
         plan = bridge.plan(bound)
-        _, views, _ = _main_chunks(chunks, [t for t, _ in bound])
+        key_layout = training.key_layout(chunks, saved.metadata)
+        _, views, _ = _main_chunks(chunks, [t for t, _ in bound], key_layout)
     training.check_model_keys(bridge.config, [item for item, _, _ in views], saved.metadata, str(release))
     regions: dict[str, list[tuple[Any, _Region]]] = {}
     for item, param, region in views:

@@ -41,14 +41,17 @@ def _state_key(index: int, chunks: list[torch.nn.Module]) -> str:
     return "model" if len(chunks) == 1 else f"model{index}"
 
 
-def sharded_state_dict(chunk: torch.nn.Module) -> dict[str, Any]:
+def sharded_state_dict(chunk: torch.nn.Module, key_layout: dict[str, Any] | None = None) -> dict[str, Any]:
     """The chunk's sharded state dict; megatron-core needs the DP group named when MTP sits on a
-    later pipeline stage than the embedding (it ties the stage's embedding copy over it)."""
+    later pipeline stage than the embedding (it ties the stage's embedding copy over it).
+
+    ``key_layout`` adds megatron-core's sharded-state-dict flags that change the saved keys
+    (``non_homogeneous_layers``, ``singleton_local_shards``), to load a checkpoint saved with them."""
     from megatron.core import parallel_state as ps
 
     with _unused_output_weights_hidden(chunk):
         return chunk.sharded_state_dict(
-            metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+            metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True), **(key_layout or {})}
         )
 
 
@@ -272,10 +275,9 @@ def load_dist(chunks: list[torch.nn.Module], torch_dist: Path, config: Any) -> N
     from bridgecore.megatron import training
 
     metadata = parallel.collective(training.saved_metadata, torch_dist)
-    state = {_state_key(i, chunks): sharded_state_dict(chunk) for i, chunk in enumerate(chunks)}
-    parallel.collective(
-        training.check_model_keys, config, training.requested_tensors(state), metadata, str(torch_dist)
-    )
+    key_layout = parallel.collective(training.key_layout, chunks, metadata)
+    state = {_state_key(i, chunks): sharded_state_dict(chunk, key_layout) for i, chunk in enumerate(chunks)}
+    parallel.collective(training.check_model_keys, config, training.requested_tensors(state), metadata, str(torch_dist))
     with cpu_compat():
         loaded = parallel.collective(_load_files, state, torch_dist)
 

@@ -147,7 +147,9 @@ def check_model_keys(config: ModelConfig, requested: list[Any], metadata: Any, w
     """
     saved = metadata.state_dict_metadata
     _check_count(saved, r"decoder\.layers\.(\d+)\.", "decoder", "num_layers", config.num_layers, where)
-    _check_count(saved, r"mtp\.layers\.(\d+)\.", "MTP", "mtp_num_layers", getattr(config, "mtp_num_layers", None), where)
+    _check_count(
+        saved, r"mtp\.layers\.(\d+)\.", "MTP", "mtp_num_layers", getattr(config, "mtp_num_layers", None), where
+    )
     missing = [t for t in requested if t.key not in saved]
     if missing and len(missing) == len(requested):
         model_keys = sorted(k for k in saved if not _NOT_MODEL.match(k))
@@ -182,9 +184,7 @@ def check_model_keys(config: ModelConfig, requested: list[Any], metadata: Any, w
             )
 
 
-def _check_count(
-    saved: dict[str, Any], pattern: str, label: str, field: str, expected: int | None, where: str
-) -> None:
+def _check_count(saved: dict[str, Any], pattern: str, label: str, field: str, expected: int | None, where: str) -> None:
     found = {int(m.group(1)) for k in saved if (m := re.match(pattern, k))}
     count = max(found) + 1 if found else 0
     if found and count != (expected or 0):
@@ -203,6 +203,28 @@ def _differing_field(config: ModelConfig, saved: tuple[int, ...], ours: tuple[in
             if fields:
                 return f" ({fields[0]} {mine}, {theirs} saved)"
     return ""
+
+
+#: megatron-core's sharded-state-dict flags that change the saved keys, as trainers may set them:
+#: per-layer keys even for identical layers, and each rank's shard (each expert) under its own key.
+KEY_LAYOUTS: tuple[dict[str, Any], ...] = ({}, {"non_homogeneous_layers": True}, {"singleton_local_shards": True})
+
+
+def key_layout(chunks: list[torch.nn.Module], metadata: Any) -> dict[str, Any]:
+    """The first of ``KEY_LAYOUTS`` under which the saved keys hold every tensor of every rank's
+    ``chunks`` (a collective under torchrun); ``{}`` when none does, left for ``check_model_keys``."""
+    from bridgecore.megatron import parallel
+    from bridgecore.megatron.checkpoint import sharded_state_dict
+    from bridgecore.megatron.compat import cpu_compat
+
+    saved = metadata.state_dict_metadata
+    fits = []
+    with cpu_compat("meta" if any(p.is_meta for c in chunks for p in c.parameters()) else "cpu"):
+        for flags in KEY_LAYOUTS:
+            state = {str(i): sharded_state_dict(chunk, flags) for i, chunk in enumerate(chunks)}
+            fits.append(all(t.key in saved for t in requested_tensors(state)))
+    everywhere = [all(f) for f in zip(*parallel.all_gather_objects(fits), strict=True)]
+    return next((flags for flags, fit in zip(KEY_LAYOUTS, everywhere, strict=True) if fit), {})
 
 
 def requested_tensors(state: dict[str, Any]) -> list[Any]:
