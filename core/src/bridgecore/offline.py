@@ -39,6 +39,7 @@ from bridgecore.hf.writer import ShardedWriter, check_target, parse_size, tempor
 from bridgecore.mapping import Binding
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.megatron.save import file_writer, write_error
@@ -111,6 +112,7 @@ def _sharded_state(
     with cpu_compat("meta"):
         for i, chunk in enumerate(chunks):
             state[_state_key(i, chunks)] = sharded_state_dict(chunk, key_layout)
+        add_extra_states(state)
     return save_preprocess(state, validate_access_integrity=False)
 
 

@@ -27,6 +27,7 @@ from bridgecore.hf.config import copy_side_files
 from bridgecore.hf.writer import check_target, temporary_sibling
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.save import threaded_save_strategy, write_error
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -135,6 +136,7 @@ def save_dist(
         with cpu_compat():
             for i, chunk in enumerate(chunks):
                 state[_state_key(i, chunks)] = sharded_state_dict(chunk)
+            add_extra_states(state)
             _share_views(state)
             parallel.collective(
                 dist_checkpointing.save, state, str(temp / RELEASE), sharded_strategy=threaded_save_strategy()
