@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_in_process
+from interop_support import save_in_process
 
 from bridgecore.bridge import AutoBridge
 from bridgecore.cli import main

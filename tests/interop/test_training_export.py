@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import save_training
+from interop_support import save_training
 
 from bridgecore.cli import main
 from bridgecore.compare import compare_checkpoints
