@@ -68,7 +68,7 @@ PLUGINS = {
     "quant": (["plugins/quant", "plugins/step35", "plugins/step37", "plugins/qwen35"], ["tests/quant"]),
     "all": (
         ["plugins/step35", "plugins/step37", "plugins/qwen35", "plugins/quant"],
-        ["tests/reliability", "tests/scale", "tests/conformance"],
+        ["tests/reliability", "tests/scale", "tests/conformance", "tests/interop"],
     ),
 }
 

@@ -159,6 +159,9 @@ class AutoBridge:
         self.waived: list[str] = []
         #: what the conversion decided on its own (e.g. leaving out MTP the checkpoint lacks), to say.
         self.notes: list[str] = []
+        #: the dtype floating-point HF tensors are written in when no source checkpoint says theirs
+        #: (an export from config.json alone); None keeps the params' dtype.
+        self.float_dtype: torch.dtype | None = None
 
     @classmethod
     def from_hf_pretrained(
@@ -429,10 +432,14 @@ class AutoBridge:
             "source": self.source.to_json() if self.source else [],
         }
 
-    def load_megatron(self, model: Model, ckpt_dir: str | Path) -> None:
+    def load_megatron(self, model: Model, ckpt_dir: str | Path, iteration: int | None = None) -> None:
+        """Load a Megatron checkpoint's model weights: ``bridgecore import`` output, or a Megatron-LM /
+        Megatron-Bridge training run's (``iteration``, default the tracker's; optimizer and RNG
+        state are never read). Its sizes and keys are checked against this bridge's config first."""
         from bridgecore.megatron.checkpoint import load_dist
+        from bridgecore.megatron.training import torch_dist_dir
 
-        load_dist(model, Path(ckpt_dir))
+        load_dist(model, parallel.collective(torch_dist_dir, ckpt_dir, iteration), self.config)
 
     # -- export ---------------------------------------------------------------------------------
     def _pieces(self, t: LocalTensor, b: Binding, meta: bool = False) -> list[HFPiece]:
@@ -445,9 +452,15 @@ class AutoBridge:
             shards = [t.tensor]
         pieces = b.mapping.to_hf(shards, b.capture_dict)
         for piece in pieces:
-            dtype = self.source.dtype(piece.name) if self.source and piece.name in self.hf_keys else t.tensor.dtype
+            dtype = self.hf_dtype(piece.name, t.tensor.dtype)
             piece.tensor = exact_cast(piece.tensor.detach(), dtype, piece.name)
         return pieces
+
+    def hf_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype HF tensor ``name``, made from a param of ``dtype``, is written in."""
+        if self.source and name in self.hf_keys:
+            return self.source.dtype(name)
+        return self.float_dtype if self.float_dtype and dtype.is_floating_point else dtype
 
     def plan(self, bound: list[tuple[LocalTensor, Binding]]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """Every HF tensor the export writes, in the source checkpoint's order when there is one."""

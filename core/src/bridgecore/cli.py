@@ -34,6 +34,7 @@ EPILOG = """examples:
   bridgecore import ./hf ./megatron                 HF -> torch_dist (Megatron-LM --load)
   torchrun --nproc-per-node 4 -m bridgecore import ./hf ./megatron --tp 2 --ep 2
   bridgecore export ./megatron ./hf-out             torch_dist -> HF (any saved layout)
+  bridgecore export ./trained ./hf-out --hf-config ./hf --iteration 1000   a Megatron-LM run's iteration
   bridgecore import ./hf ./megatron --offline --tp 8 --ep 8   no model in memory, one tensor at a time
   torchrun --nproc-per-node 2 -m bridgecore roundtrip ./hf --tp 2   HF -> Megatron -> HF, bit-exact check
   bridgecore verify ./hf                            Megatron logits vs the transformers reference
@@ -226,12 +227,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             plugin=args.plugin,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
+            hf_config=args.hf_config,
+            iteration=args.iteration,
         )
         say(f"exported {args.megatron_dir} -> {args.hf_dir} offline in {time.perf_counter() - start:.1f}s")
         return 0
-    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_dir, plugin=args.plugin)
+    if args.hf_config is not None:
+        from bridgecore.megatron.training import bridge_for
+
+        bridge = bridge_for(args.hf_config, args.megatron_dir, args.iteration, plugin=args.plugin)
+    else:
+        bridge = AutoBridge.from_megatron_checkpoint(args.megatron_dir, plugin=args.plugin)
     model = bridge.to_megatron_model(_layout(args), load_weights=False)
-    bridge.load_megatron(model, Path(args.megatron_dir))
+    bridge.load_megatron(model, Path(args.megatron_dir), iteration=args.iteration)
     target = Path(args.hf_dir)
     if args.quant:
         formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
@@ -379,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("megatron_dir", type=Path)
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--plugin")
+    p.add_argument(
+        "--hf-config",
+        type=Path,
+        metavar="PATH",
+        help="the model's HF checkpoint directory (or its config.json), for a checkpoint bridgecore did not"
+        " write (Megatron-LM / Megatron-Bridge training output); its safetensors headers, when present,"
+        " give the names, layout and dtypes to write",
+    )
+    p.add_argument(
+        "--iteration",
+        type=int,
+        metavar="N",
+        help="export iter_NNNNNNN/ of a training run (default: the one latest_checkpointed_iteration.txt names)",
+    )
     _layout_args(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--quant", help="also quantize: fp8 or nvfp4 (needs bridgecore-quant)")

@@ -39,6 +39,7 @@ from bridgecore.hf.writer import ShardedWriter, check_target, parse_size, tempor
 from bridgecore.mapping import Binding
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.megatron.save import file_writer, write_error
@@ -99,7 +100,9 @@ def _simulated_rank(rank: int, world: int, layout: Layout) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _sharded_state(chunks: list[torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _sharded_state(
+    chunks: list[torch.nn.Module], key_layout: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """What ``save_dist`` saves, split as megatron-core splits it: (sharded part, common part)."""
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
@@ -108,18 +111,19 @@ def _sharded_state(chunks: list[torch.nn.Module]) -> tuple[dict[str, Any], dict[
     state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
     with cpu_compat("meta"):
         for i, chunk in enumerate(chunks):
-            state[_state_key(i, chunks)] = sharded_state_dict(chunk)
+            state[_state_key(i, chunks)] = sharded_state_dict(chunk, key_layout)
+        add_extra_states(state)
     return save_preprocess(state, validate_access_integrity=False)
 
 
 def _main_chunks(
-    chunks: list[torch.nn.Module], tensors: list[LocalTensor]
+    chunks: list[torch.nn.Module], tensors: list[LocalTensor], key_layout: dict[str, Any] | None = None
 ) -> tuple[list[Any], list[tuple[Any, LocalTensor, _Region]], dict[str, Any]]:
     """This rank's saved objects and tensor chunks (main replicas only), each chunk with its param."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 
-    sharded, common = _sharded_state(chunks)
+    sharded, common = _sharded_state(chunks, key_layout)
     # Views share their base's storage; meta storages are distinct objects even without memory.
     by_storage = {t.tensor.untyped_storage()._cdata: t for t in tensors}
     objects, views = [], []
@@ -290,24 +294,33 @@ def stream_to_hf(
     plugin: str | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    hf_config: str | Path | None = None,
+    iteration: int | None = None,
 ) -> Path:
-    """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time.
 
+    Without ``hf_config`` the checkpoint is one ``bridgecore import`` wrote; with it, any Megatron
+    checkpoint of that model (a training run's ``iteration``, default the tracker's), read for its
+    model weights only."""
     from bridgecore.bridge import _write_json
-    from bridgecore.megatron.checkpoint import RELEASE
+    from bridgecore.megatron import training
 
     _require_no_process_group("offline export")
-    bridge = AutoBridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
+    if hf_config is not None:
+        bridge = training.bridge_for(hf_config, ckpt_dir, iteration, plugin=plugin)
+    else:
+        bridge = AutoBridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
-    release = Path(ckpt_dir) / RELEASE
-    saved = _SavedChunks(release, FileSystemReader(str(release)).read_metadata())
+    release = training.torch_dist_dir(ckpt_dir, iteration)
+    saved = _SavedChunks(release, training.saved_metadata(release))
     with _simulated_rank(0, 1, Layout()):
         chunks = bridge.build_chunks(Layout(), meta=True)
         bound = bridge.bind(chunks, None)
         plan = bridge.plan(bound)
-        _, views, _ = _main_chunks(chunks, [t for t, _ in bound])
+        key_layout = training.key_layout(chunks, saved.metadata)
+        _, views, _ = _main_chunks(chunks, [t for t, _ in bound], key_layout)
+    training.check_model_keys(bridge.config, [item for item, _, _ in views], saved.metadata, str(release))
     regions: dict[str, list[tuple[Any, _Region]]] = {}
     for item, param, region in views:
         regions.setdefault(param.name, []).append((item, region))
@@ -324,7 +337,7 @@ def stream_to_hf(
     try:
         for (_, b), value in track(_read_ahead(bound, read), "offline export", "param", total=len(bound)):
             for piece in b.mapping.to_hf([value], b.capture_dict):
-                dtype = bridge.source.dtype(piece.name) if piece.name in bridge.hf_keys else value.dtype
+                dtype = bridge.hf_dtype(piece.name, value.dtype)
                 writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
             buffers.give(value)
         if bridge.hf_dir is None:

@@ -27,6 +27,7 @@ from bridgecore.hf.config import copy_side_files
 from bridgecore.hf.writer import check_target, temporary_sibling
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.save import threaded_save_strategy, write_error
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -41,14 +42,17 @@ def _state_key(index: int, chunks: list[torch.nn.Module]) -> str:
     return "model" if len(chunks) == 1 else f"model{index}"
 
 
-def sharded_state_dict(chunk: torch.nn.Module) -> dict[str, Any]:
+def sharded_state_dict(chunk: torch.nn.Module, key_layout: dict[str, Any] | None = None) -> dict[str, Any]:
     """The chunk's sharded state dict; megatron-core needs the DP group named when MTP sits on a
-    later pipeline stage than the embedding (it ties the stage's embedding copy over it)."""
+    later pipeline stage than the embedding (it ties the stage's embedding copy over it).
+
+    ``key_layout`` adds megatron-core's sharded-state-dict flags that change the saved keys
+    (``non_homogeneous_layers``, ``singleton_local_shards``), to load a checkpoint saved with them."""
     from megatron.core import parallel_state as ps
 
     with _unused_output_weights_hidden(chunk):
         return chunk.sharded_state_dict(
-            metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+            metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True), **(key_layout or {})}
         )
 
 
@@ -132,6 +136,7 @@ def save_dist(
         with cpu_compat():
             for i, chunk in enumerate(chunks):
                 state[_state_key(i, chunks)] = sharded_state_dict(chunk)
+            add_extra_states(state)
             _share_views(state)
             parallel.collective(
                 dist_checkpointing.save, state, str(temp / RELEASE), sharded_strategy=threaded_save_strategy()
@@ -187,7 +192,7 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
     if not (ckpt_dir / RELEASE).is_dir() or not path.is_file():
         raise BridgeError(
             f"{ckpt_dir}: not a bridgecore Megatron checkpoint (expected {RELEASE}/ and {META},"
-            " as written by `bridgecore import`)"
+            " as written by `bridgecore import`); for one saved by Megatron-LM or Megatron-Bridge pass --hf-config"
         )
     try:
         return json.loads(path.read_text())
@@ -214,6 +219,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
+def read_dcp_metadata(release: Path) -> Any:
+    """torch.distributed.checkpoint's ``.metadata`` of ``release``, unpickled with the allowlist."""
+    with open(release / ".metadata", "rb") as file:
+        return _MetadataUnpickler(file).load()
+
+
 def check_pickles(release: Path) -> None:
     """Refuse a torch_dist checkpoint whose pickles could run code, before megatron-core unpickles them.
 
@@ -221,10 +232,9 @@ def check_pickles(release: Path) -> None:
     ``weights_only`` loader (megatron-core registers its few classes there), whatever
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
     """
-    metadata, common = release / ".metadata", release / "common.pt"
+    common = release / "common.pt"
     try:
-        with open(metadata, "rb") as file:
-            _MetadataUnpickler(file).load()
+        read_dcp_metadata(release)
         if common.exists():
             torch.load(common, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
@@ -237,12 +247,15 @@ def check_pickles(release: Path) -> None:
 
 
 def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
-    """megatron-core's load of ``state`` from ``release``; files that do not describe this model (a
-    ``.metadata`` of another checkpoint, chunks that are not where it says) are one line naming them."""
+    """megatron-core's load of ``state`` from ``release``, its model tensors only (``common.pt`` is left
+    unread); files that do not describe this model (a ``.metadata`` of another checkpoint, chunks that
+    are not where it says) are one line naming them."""
     from megatron.core import dist_checkpointing
 
+    from bridgecore.megatron.training import ModelOnlyCommonLoad
+
     try:
-        return dist_checkpointing.load(state, str(release))
+        return dist_checkpointing.load(state, str(release), common_strategy=ModelOnlyCommonLoad())
     except BridgeError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to read the files is the same refusal
@@ -253,23 +266,28 @@ def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
             raise
         cause = next(iter(failures.values()))[0]
     raise BridgeError(
-        f"{release}: the torch_dist files do not hold this model's tensors as bridgecore.json describes"
-        f" ({type(cause).__name__}: {' '.join(str(cause).split())[:200]}); expected the files of one import"
+        f"{release}: the torch_dist files do not hold this model's tensors as their .metadata describes"
+        f" ({type(cause).__name__}: {' '.join(str(cause).split())[:200]}); expected the files of one save"
     ) from None
 
 
-def load_dist(chunks: list[torch.nn.Module], ckpt_dir: Path) -> None:
-    """Load a torch_dist checkpoint into this rank's chunks, whatever layout it was saved with."""
-    parallel.collective(check_pickles, ckpt_dir / RELEASE)
-    state = {_state_key(i, chunks): sharded_state_dict(chunk) for i, chunk in enumerate(chunks)}
+def load_dist(chunks: list[torch.nn.Module], torch_dist: Path, config: Any) -> None:
+    """Load the model weights of a torch_dist save (``release/`` or a training run's ``iter_NNNNNNN/``)
+    into this rank's chunks, whatever layout saved them; optimizer and RNG state are never read."""
+    from bridgecore.megatron import training
+
+    metadata = parallel.collective(training.saved_metadata, torch_dist)
+    key_layout = parallel.collective(training.key_layout, chunks, metadata)
+    state = {_state_key(i, chunks): sharded_state_dict(chunk, key_layout) for i, chunk in enumerate(chunks)}
+    parallel.collective(training.check_model_keys, config, training.requested_tensors(state), metadata, str(torch_dist))
     with cpu_compat():
-        loaded = parallel.collective(_load_files, state, ckpt_dir / RELEASE)
+        loaded = parallel.collective(_load_files, state, torch_dist)
 
     def apply() -> None:
         for i, chunk in enumerate(chunks):
             result = chunk.load_state_dict(loaded[_state_key(i, chunks)], strict=False)
             missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
             if missing:
-                raise BridgeError(f"{ckpt_dir}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]}")
+                raise BridgeError(f"{torch_dist}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]}")
 
     parallel.collective(apply)

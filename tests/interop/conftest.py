@@ -1,0 +1,43 @@
+"""Fixtures of the interoperability tests: tiny HF checkpoints and the training checkpoints saved from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from interop_support import save_in_process, write_tiny
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: the rest of the layout matrix (several minutes on 2 cores)")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_hf(name)``: that tiny model's HF directory, written once per session."""
+    written: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in written:
+            written[name] = write_tiny(name, tmp_path_factory.mktemp(name) / "hf")
+        return written[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama_trained(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's training checkpoint with iterations 100 and 200 (the tracker names 200)."""
+    out = tmp_path_factory.mktemp("llama-trained") / "run"
+    save_in_process(tiny_hf("llama-example"), out, 100)
+    return save_in_process(tiny_hf("llama-example"), out, 200)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """The CLI leaves its process group on success only (a failed run ends its process); tests calling
+    ``bridgecore.cli.main`` in this process leave it after every test, so the offline paths can run."""
+    yield
+    from bridgecore.megatron import parallel
+
+    parallel.leave()
