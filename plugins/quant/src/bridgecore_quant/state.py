@@ -194,7 +194,9 @@ def fused_notes(table: MappingTable, source: Source, hf_keys: frozenset[str]) ->
             if not names or any(n not in hf_keys for n in names) or not is_per_tensor(shape[1:] if stacked else shape):
                 continue
             if amax.absent and not partial:
-                partial = f"{amax.absent[0].format(captures)}; its quantizer is {amax.megatron.format(captures)}"
+                whole = set(amax.megatron.fields) <= set(captures)  # a stacked HF name has no {expert}
+                megatron = amax.megatron.format(captures) if whole else amax.megatron.text
+                partial = f"{amax.absent[0].format(captures)}; its quantizer is {megatron}"
             values = torch.stack([source.read(n, ()).float() for n in names])
             groups += 1
             low, high = values.amin(0), values.amax(0)
