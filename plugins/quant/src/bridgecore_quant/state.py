@@ -8,6 +8,7 @@ the core converts it like any other tensor and a Megatron checkpoint carries it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -188,7 +189,7 @@ def fused_notes(table: MappingTable, source: Source, hf_keys: frozenset[str]) ->
         if not isinstance(amax, Amax) or not amax.fused:
             continue
         for key in by_kind.get(skeleton(amax.hf[0].text), ()):
-            captures = amax.hf[0].match(key)
+            captures = _hf_captures(amax.hf[0].text, key)
             names = [] if captures is None else amax.hf_names(captures)
             shape = tuple(source.shape(key))
             if not names or any(n not in hf_keys for n in names) or not is_per_tensor(shape[1:] if stacked else shape):
@@ -219,3 +220,17 @@ def fused_notes(table: MappingTable, source: Source, hf_keys: frozenset[str]) ->
             " unquantized, as read"
         )
     return notes
+
+
+_FIELD = re.compile(r"\{([a-z_]+)([+-]\d+)?\}")
+
+
+def _hf_captures(pattern: str, name: str) -> dict[str, int] | None:
+    """The captures that format HF ``pattern`` (which may shift one: ``{mtp+45}``) as ``name``."""
+    parts, offsets, pos = [], {}, 0
+    for m in _FIELD.finditer(pattern):
+        parts += [re.escape(pattern[pos : m.start()]), f"(?P<{m.group(1)}>\\d+)"]
+        offsets[m.group(1)] = int(m.group(2) or 0)
+        pos = m.end()
+    found = re.fullmatch("".join(parts) + re.escape(pattern[pos:]), name)
+    return None if found is None else {k: int(v) - offsets[k] for k, v in found.groupdict().items()}
