@@ -25,6 +25,7 @@ from bridgecore.mapping import (
     TensorSource,
 )
 from bridgecore_quant.amax import Amax, AmaxParts, amax_mappings, is_per_tensor
+from bridgecore_quant.state import fused_notes
 
 H, HEADS, GROUPS, D, INTER, E, LAYERS, V = 32, 4, 2, 8, 16, 4, 2, 64
 
@@ -206,6 +207,19 @@ def test_fused_parts_without_amax_are_left_out() -> None:
     assert [p.text for p in b.mapping.absent] == ["model.layers.{layer}.self_attn.v_proj.weight_quantizer._amax"]
     amax = b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard())
     assert torch.equal(amax, torch.maximum(hf[b.hf[0]], hf[b.hf[1]]))
+
+
+def test_import_notes_say_what_the_fused_quantizers_change() -> None:
+    hf = {k: torch.ones_like(v) for k, v in calibrated("scalar").items() if ".v_proj." not in k}
+    hf["model.layers.1.self_attn.k_proj.weight_quantizer._amax"] = torch.tensor(4.0)
+    table = MappingTable(amax_mappings(weight_mappings(), frozenset(hf)))
+    differ, partial = fused_notes(table, TensorSource(hf), frozenset(hf))
+    pair = "model.layers.1.self_attn.q_proj.weight_quantizer._amax, model.layers.1.self_attn.k_proj"
+    assert differ.startswith("1 of ") and f"largest ratio 4: {pair}" in differ
+    assert (
+        "e.g. model.layers.0.self_attn.v_proj.weight_quantizer._amax;"
+        " its quantizer is decoder.layers.0.self_attention.linear_qkv.weight_quantizer._amax" in partial
+    )
 
 
 def test_only_linears_get_amax_mappings() -> None:
