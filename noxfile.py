@@ -111,3 +111,22 @@ def demo(session: nox.Session) -> None:
     install(session, TORCH_311, MCORE_016, extra)
     session.run("bridgecore", "plugins")
     session.run("bridgecore", "demo", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+#: ModelOpt's declared requirements would let pip pick a CUDA torch and a large tree it does not use
+#: here; it installs without them, plus the pure-Python packages its quantization and HF export
+#: import (found by importing `modelopt.torch.quantization` and `modelopt.torch.export` on the
+#: default row: requests, urllib3, certifi, omegaconf, PuLP, scipy; pydantic and rich come too).
+MODELOPT = "nvidia-modelopt==0.47.0"
+MODELOPT_IMPORTS = ["pydantic>=2", "rich", "omegaconf>=2.3", "PuLP<4", "scipy", "requests"]
+
+
+@nox.session(python=PY311, name="tests-modelopt")
+def tests_modelopt(session: nox.Session) -> None:
+    """The quant plugin against NVIDIA ModelOpt itself (calibrate, import, export, compare); not in the
+    default run: importing ModelOpt alone takes about a minute on 2 cores, the run several."""
+    extra, _ = PLUGINS["quant"]
+    install(session, TORCH_311, MCORE_016, extra)
+    session.install("--no-deps", MODELOPT)
+    session.install(*MODELOPT_IMPORTS)
+    run_tests(session, ["tests/quant/test_modelopt_interop.py"])

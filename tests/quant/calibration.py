@@ -1,9 +1,10 @@
 """Make a tiny checkpoint look ModelOpt-calibrated (max calibration): per-tensor amax on every linear.
 
-A weight amax is the largest |w| of its linear, shared by the linears Megatron fuses into one
-quantizer (q/k/v/g into linear_qkv, gate/up into linear_fc1) as one quantizer would hold it; stacked
-experts ``[E, ...]`` get one per expert, ``[E]``. Input amax and the k/v bmm amax of attention are
-random positive values (no activations are run).
+As ModelOpt calibrates each HF linear on its own, a weight amax is the largest |w| of its linear, so
+the linears Megatron fuses into one quantizer (q/k/v/g, gate/up, GDN in_proj parts) differ; stacked
+experts ``[E, ...]`` get one per expert, ``[E]``. Linears that read one input share its input amax,
+a random positive value (no activations are run), as do the k/v bmm amax of attention. GDN
+``in_proj_a``/``in_proj_b`` get none: ModelOpt's recipes leave them unquantized.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from bridgecore.tiny import write_checkpoint
 # LLM recipes leave them.
 _SKIP = re.compile(
     r"norm|embed|lm_head|mlp\.gate\.|moe\.gate\.|router|shared_head|conv1d|shared_expert_gate|vision_model|vit_"
+    r"|in_proj_[ab]\."
 )
 _FUSED = re.compile(r"\.(q|k|v|g)_proj$|\.(gate|up)_proj$|\.in_proj_(qkv|z|b|a)$")
 
 
 def _quantizer_group(module: str) -> str:
-    # Megatron fuses q/k/v(/g), gate/up and the GDN in_proj parts into one linear, one quantizer.
+    # q/k/v(/g), gate/up and the GDN in_proj parts read one input (and Megatron fuses them).
     return _FUSED.sub(lambda m: ".qkv" if m.group(1) else ".gate_up" if m.group(2) else ".in_proj", module)
 
 
@@ -40,16 +42,13 @@ def calibrate(src: Path, seed: int = 0) -> dict[str, torch.Tensor]:
         for n, t in tensors.items()
         if n.endswith(".weight") and t.dim() >= 2 and not _SKIP.search(n)
     }
-    weight_amax: dict[str, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(seed)
+    input_amax: dict[str, torch.Tensor] = {}
     for module, weight in linears.items():
         amax = weight.float().abs().flatten(-2).amax(-1)  # [] per linear, [E] per stacked expert
         group = _quantizer_group(module)
-        weight_amax[group] = torch.maximum(weight_amax[group], amax) if group in weight_amax else amax
-    g = torch.Generator().manual_seed(seed)
-    input_amax = {group: torch.rand(amax.shape, generator=g) + 0.1 for group, amax in weight_amax.items()}
-    for module in linears:
-        group = _quantizer_group(module)
-        tensors[f"{module}.weight_quantizer._amax"] = weight_amax[group].clone()
+        input_amax.setdefault(group, torch.rand(amax.shape, generator=g) + 0.1)
+        tensors[f"{module}.weight_quantizer._amax"] = amax
         tensors[f"{module}.input_quantizer._amax"] = input_amax[group].clone()
         if module.endswith(".q_proj"):
             attn = module[: -len(".q_proj")]

@@ -2,6 +2,8 @@
 
 Every Megatron amax is imported rank by rank (TP 1 and 2; EP 1 and 2 deal the experts out to ranks)
 from a calibrated HF state, then exported from the gathered shards and compared with the source.
+Per-tensor amax differ within a fused group, as ModelOpt calibrates each HF linear on its own: the
+fused quantizer holds their max and ``_amax_parts`` each one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import itertools
 import pytest
 import torch
 
-from bridgecore.errors import BridgeError
 from bridgecore.mapping import (
     ColumnParallel,
     FusedQKV,
@@ -23,7 +24,8 @@ from bridgecore.mapping import (
     Stacked,
     TensorSource,
 )
-from bridgecore_quant.amax import Amax, amax_mappings, is_per_tensor
+from bridgecore_quant.amax import Amax, AmaxParts, amax_mappings, is_per_tensor
+from bridgecore_quant.state import fused_notes
 
 H, HEADS, GROUPS, D, INTER, E, LAYERS, V = 32, 4, 2, 8, 16, 4, 2, 64
 
@@ -81,7 +83,7 @@ FUSED = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 
 
 def calibrated(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """HF amax tensors; per-tensor values shared within each fused group, as one quantizer implies."""
+    """HF amax tensors, one draw per HF linear (per-channel weight amax: one per row)."""
     g = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int) -> torch.Tensor:
@@ -97,33 +99,32 @@ def calibrated(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
             else:
                 value = draw(*lead) if stacked else draw(*((1,) if kind == "scalar1" else ()))
             out[f"{module}.{q}._amax"] = value
-    for group in FUSED:
-        for key in list(out):
-            first = next((f".{g}." for g in group if f".{g}." in key), None)
-            if first and first != f".{group[0]}." and not (kind == "per_channel" and "weight_quantizer" in key):
-                out[key] = out[key.replace(first, f".{group[0]}.")].clone()
     for n in range(LAYERS):
         for s in ("k_bmm_quantizer", "v_bmm_quantizer"):
             out[f"model.layers.{n}.self_attn.{s}._amax"] = draw()
     return out
 
 
-def megatron_names(table: MappingTable) -> list[str]:
+def megatron_names(kind: str) -> list[str]:
+    """The Megatron amax buffers, with ``_amax_parts`` beside every fused per-tensor one."""
     names = []
     for n in range(LAYERS):
         L = f"decoder.layers.{n}."
         mods = [L + "self_attention.linear_qkv", L + "self_attention.linear_proj"]
         mods += [L + f"mlp.experts.local_experts.{e}.linear_fc{k}" for e in range(E) for k in (1, 2)]
         names += [f"{m}.{q}._amax" for m in mods for q in ("weight_quantizer", "input_quantizer")]
+        fused = [m for m in mods if m.endswith(("linear_qkv", "linear_fc1"))]
+        quantizers = ["input_quantizer"] if kind == "per_channel" else ["weight_quantizer", "input_quantizer"]
+        names += [f"{m}.{q}._amax_parts" for m in fused for q in quantizers]
         names += [L + f"self_attention.core_attention.{s}._amax" for s in ("k_bmm_quantizer", "v_bmm_quantizer")]
     return names
 
 
-def roundtrip(hf: dict[str, torch.Tensor], tp: int, ep: int) -> dict[str, torch.Tensor]:
+def roundtrip(hf: dict[str, torch.Tensor], kind: str, tp: int, ep: int) -> dict[str, torch.Tensor]:
     table = MappingTable(amax_mappings(weight_mappings()))
     source, out, slabs = TensorSource(hf), {}, {}
     per_rank = E // ep
-    for name in megatron_names(table):
+    for name in megatron_names(kind):
         b = table.find(name)
         assert b is not None, name
         inner = b.mapping.inner if isinstance(b.mapping, Stacked) else b.mapping
@@ -149,7 +150,7 @@ def roundtrip(hf: dict[str, torch.Tensor], tp: int, ep: int) -> dict[str, torch.
 @pytest.mark.parametrize("tp,ep", list(itertools.product([1, 2], [1, 2])))
 def test_amax_roundtrip_is_bit_exact(kind: str, tp: int, ep: int) -> None:
     hf = calibrated(kind)
-    back = roundtrip(hf, tp, ep)
+    back = roundtrip(hf, kind, tp, ep)
     assert sorted(back) == sorted(hf)
     for name, tensor in hf.items():
         assert back[name].shape == tensor.shape and back[name].dtype == tensor.dtype, name
@@ -169,23 +170,56 @@ def test_per_channel_qkv_amax_is_laid_out_like_the_weight() -> None:
         assert torch.equal(amax.expand(-1, H), weight)
 
 
-def test_fused_targets_with_different_per_tensor_amax_are_refused() -> None:
+def test_fused_quantizer_takes_the_max_and_parts_keep_each_amax() -> None:
     hf = calibrated("scalar")
-    hf["model.layers.0.self_attn.k_proj.input_quantizer._amax"] = torch.tensor(9.0)
-    table = MappingTable(amax_mappings(weight_mappings()))
+    names = [f"model.layers.0.self_attn.{p}_proj.input_quantizer._amax" for p in "qkv"]
+    hf[names[1]] = torch.tensor(9.0)
+    table = MappingTable(amax_mappings(weight_mappings(), frozenset(hf)))
     b = table.find("decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax")
-    with pytest.raises(BridgeError, match="k_proj.input_quantizer._amax: amax .* differs from .*q_proj"):
-        b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard())
-
-
-def test_fanout_export_writes_every_target() -> None:
-    table = MappingTable(amax_mappings(weight_mappings()))
-    b = table.find("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight_quantizer._amax")
-    pieces = b.mapping.to_hf([torch.tensor(0.5)], b.capture_dict)
-    assert [(p.name, p.expert, p.num_experts) for p in pieces] == [
-        ("model.layers.1.moe.gate_proj.weight_quantizer._amax", 2, E),
-        ("model.layers.1.moe.up_proj.weight_quantizer._amax", 2, E),
+    amax = b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard())
+    assert torch.equal(amax, torch.tensor(9.0))
+    assert b.mapping.to_hf([amax], b.capture_dict) == []  # the parts write the HF tensors
+    parts = table.find("decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax_parts")
+    assert isinstance(parts.mapping, AmaxParts)
+    values = parts.mapping.to_megatron(TensorSource(hf), parts.capture_dict, Shard())
+    assert torch.equal(values, torch.stack([hf[n] for n in names]))
+    assert [(p.name, p.tensor) for p in parts.mapping.to_hf([values], parts.capture_dict)] == [
+        (n, hf[n]) for n in names
     ]
+
+
+def test_stacked_parts_write_every_target_slab() -> None:
+    table = MappingTable(amax_mappings(weight_mappings()))
+    b = table.find("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight_quantizer._amax_parts")
+    pieces = b.mapping.to_hf([torch.tensor([0.5, 0.25])], b.capture_dict)
+    assert [(p.name, p.expert, p.num_experts, p.tensor.item()) for p in pieces] == [
+        ("model.layers.1.moe.gate_proj.weight_quantizer._amax", 2, E, 0.5),
+        ("model.layers.1.moe.up_proj.weight_quantizer._amax", 2, E, 0.25),
+    ]
+
+
+def test_fused_parts_without_amax_are_left_out() -> None:
+    """ModelOpt leaves some fused HF linears unquantized (GDN in_proj_a/b): no amax, so not mapped."""
+    hf = {k: v for k, v in calibrated("scalar").items() if ".v_proj." not in k}
+    table = MappingTable(amax_mappings(weight_mappings(), frozenset(hf)))
+    b = table.find("decoder.layers.0.self_attention.linear_qkv.weight_quantizer._amax")
+    assert b.hf == [f"model.layers.0.self_attn.{p}_proj.weight_quantizer._amax" for p in "qk"]
+    assert [p.text for p in b.mapping.absent] == ["model.layers.{layer}.self_attn.v_proj.weight_quantizer._amax"]
+    amax = b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard())
+    assert torch.equal(amax, torch.maximum(hf[b.hf[0]], hf[b.hf[1]]))
+
+
+def test_import_notes_say_what_the_fused_quantizers_change() -> None:
+    hf = {k: torch.ones_like(v) for k, v in calibrated("scalar").items() if ".v_proj." not in k}
+    hf["model.layers.1.self_attn.k_proj.weight_quantizer._amax"] = torch.tensor(4.0)
+    table = MappingTable(amax_mappings(weight_mappings(), frozenset(hf)))
+    differ, partial = fused_notes(table, TensorSource(hf), frozenset(hf))
+    pair = "model.layers.1.self_attn.q_proj.weight_quantizer._amax, model.layers.1.self_attn.k_proj"
+    assert differ.startswith("1 of ") and f"largest ratio 4: {pair}" in differ
+    assert (
+        "e.g. model.layers.0.self_attn.v_proj.weight_quantizer._amax;"
+        " its quantizer is decoder.layers.0.self_attention.linear_qkv.weight_quantizer._amax" in partial
+    )
 
 
 def test_only_linears_get_amax_mappings() -> None:

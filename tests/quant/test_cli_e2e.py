@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from bridgecore.bridge import AutoBridge
 from bridgecore_llama_example import write_tiny as write_llama
+from bridgecore_quant.formats import exclude_patterns
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibration import calibrate
@@ -160,8 +162,11 @@ def test_import_then_quantized_export(imported, fmt: str, tmp_path: Path) -> Non
     for name in (k for k in source if k.endswith("k_bmm_quantizer._amax")):
         attn = name.removesuffix(".k_bmm_quantizer._amax")
         assert torch.equal(got[f"{attn}.k_proj.k_scale"], source[name] / 448)
-    weighted = {k.removesuffix(".weight") for k in source if k.endswith(".weight")}
-    assert_quant_config(tmp_path / fmt, fmt, sorted(weighted - set(modules)), True, config)
+    matmuls = {k.removesuffix(".weight") for k, v in source.items() if k.endswith(".weight") and v.dim() >= 2}
+    exclude = exclude_patterns(matmuls - set(modules), set(modules))
+    assert "model.layers.0.input_layernorm" not in exclude
+    assert not any(fnmatch.fnmatchcase(m, e) for e in exclude for m in modules)
+    assert_quant_config(tmp_path / fmt, fmt, exclude, True, config)
     unquantized = [k for k in source if "_quantizer." not in k and k.removesuffix(".weight") not in modules]
     assert all(torch.equal(got[k], source[k]) for k in unquantized)
 

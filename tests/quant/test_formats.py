@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from bridgecore.errors import BridgeError
 from bridgecore.tiny import write_checkpoint
 from bridgecore_quant import numerics
-from bridgecore_quant.formats import export_fp8, export_nvfp4
+from bridgecore_quant.formats import exclude_patterns, export_fp8, export_nvfp4, shared_input_groups
 
 H, INTER, E, V = 64, 32, 4, 48
 QUANTIZED = [
@@ -88,16 +88,26 @@ def assert_fp8_within_bound(got: dict[str, torch.Tensor], source: dict[str, torc
         assert not any(k.startswith(m + ".") and "quantizer" in k for k in got)
 
 
+def group_max(source: dict[str, torch.Tensor], modules: list[str], quantizer: str) -> dict[str, torch.Tensor]:
+    """Each module's amax as NVFP4 export uses it: the max over the linears that read its input."""
+    out = {}
+    for group in shared_input_groups(set(modules)):
+        value = torch.stack([source[f"{m}.{quantizer}._amax"].float() for m in group]).amax(0)
+        out |= {m: value for m in group}
+    return out
+
+
 def assert_nvfp4_within_bound(
     got: dict[str, torch.Tensor], source: dict[str, torch.Tensor], modules: list[str]
 ) -> None:
+    weight_amax, input_amax = (group_max(source, modules, q) for q in ("weight_quantizer", "input_quantizer"))
     for m in modules:
-        weight, amax = source[f"{m}.weight"].float(), source[f"{m}.weight_quantizer._amax"]
+        weight, amax = source[f"{m}.weight"].float(), weight_amax[m]
         packed, block, scale_2 = got[f"{m}.weight"], got[f"{m}.weight_scale"], got[f"{m}.weight_scale_2"]
         assert packed.dtype == torch.uint8 and packed.shape == (*weight.shape[:-1], weight.shape[-1] // 2)
         assert block.dtype == torch.float8_e4m3fn and block.shape == (*weight.shape[:-1], weight.shape[-1] // 16)
         assert torch.equal(scale_2, amax / (6 * 448))
-        assert torch.equal(got[f"{m}.input_scale"], source[f"{m}.input_quantizer._amax"] / (6 * 448))
+        assert torch.equal(got[f"{m}.input_scale"], input_amax[m] / (6 * 448))
         deq = numerics.nvfp4_dequantize(packed, block, scale_2)
         unit = (block.float() * numerics._per_leading(scale_2, block.dim())).repeat_interleave(16, dim=-1)
         assert bool(((weight - deq).abs() <= unit * (1 + 1e-6)).all()), m
@@ -110,7 +120,7 @@ def assert_nvfp4_within_bound(
 def assert_quant_config(out: Path, fmt: str, exclude: list[str], kv_cache: bool, source_config: dict) -> None:
     """``hf_quant_config.json`` and ``config.json``'s ``quantization_config``, field by field."""
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())
-    assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.1.0"}
+    assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.2.0"}
     q = hf_quant["quantization"]
     expected = {
         "quant_algo": fmt.upper(),
@@ -183,7 +193,8 @@ def test_e2m1_rounds_to_nearest_with_ties_to_even() -> None:
 def test_hf_quant_config_fields(calibrated, tmp_path: Path, fmt: str) -> None:
     src, _ = calibrated
     out = (export_fp8 if fmt == "fp8" else export_nvfp4)(src, tmp_path / fmt)
-    exclude = ["lm_head", "model.embed_tokens", "model.layers.0.input_layernorm", "model.layers.1.mlp.gate"]
+    # norms carry no quantizer; the router's parent holds nothing quantized, so a wildcard names it
+    exclude = ["lm_head", "model.embed_tokens", "model.layers.1.mlp*"]
     assert_quant_config(out, fmt, exclude, True, {"architectures": ["LlamaForCausalLM"], "hidden_size": H})
 
 
@@ -198,3 +209,60 @@ def test_refuses_existing_output_and_uncalibrated_amax(calibrated, tmp_path: Pat
     with pytest.raises(BridgeError, match="q_proj.weight_quantizer._amax: amax .* is not positive"):
         export_nvfp4(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_fp8_divides_in_the_weight_dtype_as_modelopt_does(calibrated, tmp_path: Path) -> None:
+    """A bf16 weight over a 0-dim fp32 scale is divided into bf16: the quotient is rounded twice."""
+    src, source = calibrated
+    got = load_dir(export_fp8(src, tmp_path / "fp8"))
+    m = "model.layers.0.self_attn.q_proj"
+    weight, scale = source[f"{m}.weight"], source[f"{m}.weight_quantizer._amax"].float() / 448
+    twice = (weight.float() / scale).bfloat16().to(torch.float8_e4m3fn)
+    once = (weight.float() / scale).to(torch.float8_e4m3fn)
+    assert torch.equal(got[f"{m}.weight"].view(torch.uint8), twice.view(torch.uint8))
+    assert not torch.equal(twice.view(torch.uint8), once.view(torch.uint8))  # the test tells them apart
+
+
+def test_nvfp4_shared_input_groups_take_the_group_max(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(5)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, p in enumerate("qkv"):
+        m = f"model.layers.0.self_attn.{p}_proj"
+        tensors[f"{m}.weight"] = (torch.randn(32, H, generator=g) * 0.05).to(torch.bfloat16)
+        tensors[f"{m}.weight_quantizer._amax"] = tensors[f"{m}.weight"].float().abs().amax()
+        tensors[f"{m}.input_quantizer._amax"] = torch.tensor(1.0 + i)
+    tensors["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(H, 32, dtype=torch.bfloat16)
+    tensors["model.layers.0.self_attn.o_proj.weight_quantizer._amax"] = torch.tensor(0.5)
+    tensors["model.layers.0.self_attn.o_proj.input_quantizer._amax"] = torch.tensor(9.0)
+    write_checkpoint(tmp_path / "src", {"architectures": ["LlamaForCausalLM"]}, tensors, shards=1)
+    got = load_dir(export_nvfp4(tmp_path / "src", tmp_path / "out"))
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    top = max(tensors[f"{m}.weight_quantizer._amax"] for m in qkv)
+    for m in qkv:
+        assert torch.equal(got[f"{m}.weight_scale_2"], top / (6 * 448))
+        assert torch.equal(got[f"{m}.input_scale"], torch.tensor(3.0) / (6 * 448))
+    o = "model.layers.0.self_attn.o_proj"
+    assert torch.equal(got[f"{o}.input_scale"], torch.tensor(9.0) / (6 * 448))  # reads another input
+
+
+def test_exclude_list_is_summarized_with_prefix_wildcards() -> None:
+    quantized = {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "model.layers.10.mlp.up_proj"}
+    unquantized = {
+        "lm_head",
+        "model.embed_tokens",
+        "model.layers.0.linear_attn.conv1d",
+        "model.layers.0.mlp.gate",
+        "model.layers.1.mlp.gate",
+        "model.visual.blocks.0.attn.qkv",
+        "model.visual.merger.fc",
+        "mtp.layers.0.mlp.gate_proj",
+    }
+    assert exclude_patterns(unquantized, quantized) == [
+        "lm_head",
+        "model.embed_tokens",
+        "model.layers.0.linear_attn*",
+        "model.layers.0.mlp.gate",
+        "model.layers.1.*",  # `model.layers.1*` would cover model.layers.10
+        "model.visual*",
+        "mtp*",
+    ]

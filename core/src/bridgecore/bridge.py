@@ -284,7 +284,11 @@ class AutoBridge:
         if not weights:
             raise BridgeError(f"plugin {self.plugin.name} returned no mappings for this checkpoint")
         extra = [
-            m for ms in self.plugins.call_all("quant_mappings", config=self.config, mappings=weights) for m in ms or ()
+            m
+            for ms in self.plugins.call_all(
+                "quant_mappings", config=self.config, mappings=weights, hf_keys=self.hf_keys
+            )
+            for m in ms or ()
         ]
         return MappingTable(list(weights) + extra)
 

@@ -92,8 +92,11 @@ def passthrough(config: ModelConfig, hf_keys: frozenset[str]) -> list[str] | Non
 
 
 @hookspec
-def quant_mappings(config: ModelConfig, mappings: list[Mapping]) -> list[Mapping]:
+def quant_mappings(config: ModelConfig, mappings: list[Mapping], hf_keys: frozenset[str]) -> list[Mapping]:
     """Extra mappings derived from the weight ``mappings`` (quantizer amax, scales).
+
+    ``hf_keys`` are the checkpoint's tensor names (or its record's; empty without a checkpoint): a
+    fused group whose HF parts are only partly quantized maps just the parts that carry state.
 
     Every plugin is asked and the results are joined, so the generic quant plugin derives amax
     mappings for any family while a model plugin may add family-specific ones.

@@ -16,6 +16,7 @@ from bridgecore_quant.formats import export_fp8, export_nvfp4
 from bridgecore_quant.state import (
     QuantizerState,
     attach_quantizers,
+    fused_notes,
     global_namer,
     has_amax,
 )
@@ -27,8 +28,8 @@ __all__ = ["Amax", "QuantizerState", "amax_mappings", "attach_quantizers", "expo
 
 
 @hookimpl
-def quant_mappings(config: ModelConfig, mappings: list[Mapping]) -> list[Mapping]:
-    return amax_mappings(mappings)
+def quant_mappings(config: ModelConfig, mappings: list[Mapping], hf_keys: frozenset[str]) -> list[Mapping]:
+    return amax_mappings(mappings, hf_keys)
 
 
 @hookimpl
@@ -40,6 +41,10 @@ def prepare_model(
 
     if source is None or not has_amax(hf_keys):
         return
+    if hasattr(source, "read") and getattr(model, "vp_stage", None) in (None, 0) and _rank() == 0:
+        # Importing from the HF checkpoint itself (a Megatron checkpoint's record has no values).
+        for note in fused_notes(table, source, hf_keys):
+            print(f"note: {note}", flush=True)
     attach_quantizers(
         model,
         table,
@@ -49,6 +54,12 @@ def prepare_model(
         ps.get_tensor_model_parallel_world_size(),
         ps.get_expert_tensor_parallel_world_size(),
     )
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 @hookimpl

@@ -5,8 +5,13 @@ ModelOpt gives every quantized linear ``<m>`` two buffers, ``<m>.weight_quantize
 ``v_bmm_quantizer._amax``. An amax follows its weight: where Megatron fuses several HF linears
 (q/k/v into ``linear_qkv``, gate/up into ``linear_fc1``) one Megatron quantizer serves them all.
 
-- Per-tensor amax (shape ``[]`` or ``[1]``, kept as the checkpoint has it) fans out: import takes
-  the first HF target and requires the others to be equal, export writes the value to every target.
+- Per-tensor amax (shape ``[]`` or ``[1]``, kept as the checkpoint has it) of fused HF linears are
+  calibrated separately by ModelOpt, so they may differ. The Megatron quantizer (``_amax``) takes
+  their max, the value ModelOpt's own NVFP4 export unifies a shared-input group to; the HF values
+  themselves travel beside it in ``_amax_parts`` (``[n, *amax shape]``, one row per HF linear that
+  has an amax), which export writes back. HF linears of a fused group that carry no amax (GDN
+  ``in_proj_a``/``in_proj_b``, which ModelOpt's recipes leave unquantized) are left out of the
+  group: ``hf_keys`` says which parts exist, and export leaves them without amax, as read.
 - Per-channel (``[out, 1]``) and per-block (``[out, in/16]``) amax are laid out like the weight
   itself: the weight mapping's layout is reused on the amax names, so a fused QKV amax is
   interleaved per query group and split over TP exactly as the weight rows are. Along a weight dim
@@ -20,7 +25,8 @@ ModelOpt gives every quantized linear ``<m>`` two buffers, ``<m>.weight_quantize
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -40,6 +46,8 @@ from bridgecore.mapping import (
 WEIGHT_AMAX = "weight_quantizer._amax"
 INPUT_AMAX = "input_quantizer._amax"
 KV_AMAX = ("k_bmm_quantizer._amax", "v_bmm_quantizer._amax")
+#: the buffer beside a fused quantizer's ``_amax`` that keeps its HF linears' own amax.
+PARTS = "_parts"
 #: Megatron weights that are not matmuls, so no ModelOpt quantizer sits on them.
 _NOT_LINEAR = ("norm", "embedding", "conv1d")
 
@@ -53,6 +61,22 @@ def is_per_tensor(shape: Sequence[int]) -> bool:
     return len(shape) <= 1 and (not shape or shape[0] == 1)
 
 
+def skeleton(name: str) -> str:
+    """A name or pattern with every index and capture as ``#``: equal for names of one kind."""
+    return re.sub(r"\d+", "#", re.sub(r"\{[a-z_]+([+-]\d+)?\}", "#", name))
+
+
+def amax_kinds(hf_keys: Collection[str] | None) -> frozenset[str]:
+    """The kinds (names with indices as ``#``) of the amax tensors among ``hf_keys``."""
+    return frozenset(skeleton(k) for k in hf_keys or () if k.endswith("_quantizer._amax"))
+
+
+def present(names: Sequence[str], kinds: Collection[str]) -> list[str]:
+    """The amax ``names`` (patterns) of one fused group that the checkpoint has; all when it has none."""
+    found = [n for n in names if skeleton(n) in kinds]
+    return found or list(names)
+
+
 def _renamed(mapping: Mapping, megatron: str, hf: Sequence[str]) -> Mapping:
     """A copy of ``mapping`` (same type and layout parameters) on other tensor names."""
     out = copy.copy(mapping)
@@ -61,16 +85,24 @@ def _renamed(mapping: Mapping, megatron: str, hf: Sequence[str]) -> Mapping:
 
 
 class Amax(Mapping):
-    """One amax buffer of the quantized linear that ``weight`` (a ``<m>.weight`` mapping) fills."""
+    """One amax buffer of the quantized linear that ``weight`` (a ``<m>.weight`` mapping) fills.
 
-    def __init__(self, weight: Mapping, suffix: str):
+    ``kinds`` (:func:`amax_kinds` of the checkpoint) narrows a fused group's per-tensor amax to the
+    HF linears that have one.
+    """
+
+    def __init__(self, weight: Mapping, suffix: str, kinds: Collection[str] = frozenset()):
         if not weight.megatron.text.endswith(".weight"):
             raise ValueError(f"{weight}: amax mappings derive from `.weight` mappings only")
         megatron = f"{module_of(weight.megatron.text)}.{suffix}"
-        hf = [f"{module_of(p.text)}.{suffix}" for p in weight.hf]
-        super().__init__(megatron, hf, layers=weight.layers)
+        every = [f"{module_of(p.text)}.{suffix}" for p in weight.hf]
+        #: whether Megatron fuses several HF linears into this quantizer.
+        self.fused = len(every) > 1
+        super().__init__(megatron, present(every, kinds) if self.fused else every, layers=weight.layers)
+        #: the fused HF linears the checkpoint has no amax for (unquantized there).
+        self.absent = [Pattern(n) for n in every if n not in {p.text for p in self.hf}]
         self.weight = weight
-        self.layout = _renamed(weight, megatron, hf)
+        self.layout = _renamed(weight, megatron, every)
 
     @property
     def partition_dim(self) -> int | None:  # type: ignore[override]
@@ -91,22 +123,34 @@ class Amax(Mapping):
             raise BridgeError(
                 f"{names[0]}: one Megatron quantizer serves {', '.join(names)}, but their amax shapes differ: {shapes}"
             )
-        first = source.read(names[0], ())
-        for name in names[1:]:
-            other = source.read(name, ())
-            if not torch.equal(other, first):
-                raise BridgeError(
-                    f"{name}: amax {other.flatten().tolist()} differs from {names[0]} amax {first.flatten().tolist()};"
-                    f" Megatron fuses them into one quantizer ({self.megatron.format(captures)}), so they must be equal"
-                )
-        return first
+        # The group's max: what ModelOpt's NVFP4 export unifies a shared-input group to.
+        return torch.stack([source.read(n, ()) for n in names]).amax(0)
 
     def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
         if not is_per_tensor(shards[0].shape):
             return self.layout.to_hf(shards, captures)
         if not shards[0].is_meta and any(not torch.equal(s, shards[0]) for s in shards[1:]):
             raise BridgeError(f"{self.megatron.format(captures)}: TP ranks hold different per-tensor amax values")
-        return [HFPiece(name, shards[0].clone()) for name in self.hf_names(captures)]
+        if self.fused:
+            return []  # the HF linears' own values come from the ``_amax_parts`` beside it (AmaxParts)
+        return [HFPiece(self.hf_names(captures)[0], shards[0].clone())]
+
+
+class AmaxParts(Mapping):
+    """``<m>.X_quantizer._amax_parts`` ``[n, *amax shape]``: the per-tensor amax of a fused group's HF linears.
+
+    Megatron's fused quantizer holds one amax; this buffer keeps each HF linear's own, so that a
+    round trip and the deployable export give back per-projection values.
+    """
+
+    def __init__(self, amax: Amax):
+        super().__init__(amax.megatron.text + PARTS, [p.text for p in amax.hf], layers=amax.weight.layers)
+
+    def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
+        return torch.stack([source.read(n, ()) for n in self.hf_names(captures)])
+
+    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
+        return [HFPiece(n, shards[0][i].clone()) for i, n in enumerate(self.hf_names(captures))]
 
 
 def is_quantizable(mapping: Mapping) -> bool:
@@ -117,11 +161,14 @@ def is_quantizable(mapping: Mapping) -> bool:
     return not any(word in leaf for word in _NOT_LINEAR)
 
 
-def weight_amax_mappings(weight: Mapping) -> list[Mapping]:
-    """The weight and input amax mappings of one quantizable weight mapping."""
-    if isinstance(weight, Stacked):
-        return [Stacked(Amax(weight.inner, s), weight.num_experts) for s in (WEIGHT_AMAX, INPUT_AMAX)]
-    return [Amax(weight, s) for s in (WEIGHT_AMAX, INPUT_AMAX)]
+def weight_amax_mappings(weight: Mapping, kinds: Collection[str] = frozenset()) -> list[Mapping]:
+    """The weight and input amax mappings of one quantizable weight mapping (and their parts if fused)."""
+    inner = weight.inner if isinstance(weight, Stacked) else weight
+    out: list[Mapping] = []
+    for suffix in (WEIGHT_AMAX, INPUT_AMAX):
+        amax = Amax(inner, suffix, kinds)
+        out += [amax, AmaxParts(amax)] if amax.fused else [amax]
+    return [Stacked(m, weight.num_experts) for m in out] if isinstance(weight, Stacked) else out
 
 
 def kv_amax_mappings(qkv: FusedQKV) -> list[Mapping]:
@@ -136,12 +183,31 @@ def kv_amax_mappings(qkv: FusedQKV) -> list[Mapping]:
     return [Replicated(f"{attn}.core_attention.{s}", f"{hf_attn}.{s}", layers=qkv.layers) for s in KV_AMAX]
 
 
-def amax_mappings(mappings: Sequence[Mapping]) -> list[Mapping]:
-    """Every amax mapping the weight ``mappings`` of any family imply."""
+#: ModelOpt's quantizers on transformers' fused experts (``<moe>.experts.gate_up_proj_weight_quantizers.{e}``
+#: and one ``<moe>.experts.gate_up_proj_input_quantizer`` for all experts), as ``save_pretrained`` writes them.
+_FUSED_EXPERTS = re.compile(r"\.experts\.[a-z_]+_(weight_quantizers\.\d+|input_quantizer)\._amax\Z")
+
+
+def check_fused_experts(hf_keys: Collection[str] | None) -> None:
+    """Refuse amax of transformers' fused experts: they are named after modules the checkpoint lacks."""
+    found = sorted(k for k in hf_keys or () if _FUSED_EXPERTS.search(k))
+    if found:
+        raise BridgeError(
+            f"{found[0]} (and {len(found) - 1} more): ModelOpt quantized transformers' fused experts, and"
+            " save_pretrained names their quantizers after transformers' in-memory modules (one input amax for"
+            " all experts of a layer) while the expert weights keep the checkpoint's names; bridgecore-quant"
+            " cannot map them to the experts yet (dense layers, attention and shared experts it can)"
+        )
+
+
+def amax_mappings(mappings: Sequence[Mapping], hf_keys: Collection[str] | None = None) -> list[Mapping]:
+    """Every amax mapping the weight ``mappings`` of any family imply, for a checkpoint with ``hf_keys``."""
+    check_fused_experts(hf_keys)
     out: list[Mapping] = []
+    kinds = amax_kinds(hf_keys)
     for m in mappings:
         if is_quantizable(m):
-            out += weight_amax_mappings(m)
+            out += weight_amax_mappings(m, kinds)
         if isinstance(m, FusedQKV):
             out += kv_amax_mappings(m)
     return out

@@ -37,7 +37,7 @@ from bridgecore_quant.amax import (
     module_of,
 )
 
-PRODUCER = {"name": "bridgecore-quant", "version": "0.1.0"}
+PRODUCER = {"name": "bridgecore-quant", "version": "0.2.0"}
 _KV_SCALE = {KV_AMAX[0]: "k_proj.k_scale", KV_AMAX[1]: "v_proj.v_scale"}
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
@@ -55,11 +55,11 @@ def _check_amax(reader: CheckpointReader, name: str, weight_shape: tuple[int, ..
         raise BridgeError(f"{name}: amax {amax.flatten().tolist()} is not positive; the quantizer was never calibrated")
 
 
-def _fp8(reader: CheckpointReader, module: str) -> Tensors:
-    q, scale = numerics.fp8_quantize(reader.read(f"{module}.weight", ()), reader.read(f"{module}.{WEIGHT_AMAX}", ()))
+def _fp8(reader: CheckpointReader, module: str, amax: torch.Tensor, input_amax: torch.Tensor) -> Tensors:
+    q, scale = numerics.fp8_quantize(reader.read(f"{module}.weight", ()), amax)
     yield f"{module}.weight", q
     yield f"{module}.weight_scale", scale
-    yield f"{module}.input_scale", reader.read(f"{module}.{INPUT_AMAX}", ()).float() / numerics.E4M3_MAX
+    yield f"{module}.input_scale", input_amax.float() / numerics.E4M3_MAX
 
 
 def _fp8_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], input_amax: tuple[int, ...]) -> Planned:
@@ -68,14 +68,12 @@ def _fp8_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], input
     yield f"{module}.input_scale", input_amax, torch.float32
 
 
-def _nvfp4(reader: CheckpointReader, module: str) -> Tensors:
-    weight, amax = reader.read(f"{module}.weight", ()), reader.read(f"{module}.{WEIGHT_AMAX}", ())
-    packed, block_scale, scale_2 = numerics.nvfp4_quantize(weight, amax)
+def _nvfp4(reader: CheckpointReader, module: str, amax: torch.Tensor, input_amax: torch.Tensor) -> Tensors:
+    packed, block_scale, scale_2 = numerics.nvfp4_quantize(reader.read(f"{module}.weight", ()), amax)
     yield f"{module}.weight", packed
     yield f"{module}.weight_scale", block_scale
     yield f"{module}.weight_scale_2", scale_2
-    input_amax = reader.read(f"{module}.{INPUT_AMAX}", ()).float()
-    yield f"{module}.input_scale", input_amax / (numerics.E2M1_MAX * numerics.E4M3_MAX)
+    yield f"{module}.input_scale", input_amax.float() / (numerics.E2M1_MAX * numerics.E4M3_MAX)
 
 
 def _nvfp4_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], input_amax: tuple[int, ...]) -> Planned:
@@ -89,12 +87,23 @@ def _nvfp4_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], inp
     yield f"{module}.input_scale", input_amax, torch.float32
 
 
-_QUANTIZERS: dict[str, Callable[[CheckpointReader, str], Tensors]] = {"fp8": _fp8, "nvfp4": _nvfp4}
+_QUANTIZERS: dict[str, Callable[[CheckpointReader, str, torch.Tensor, torch.Tensor], Tensors]] = {
+    "fp8": _fp8,
+    "nvfp4": _nvfp4,
+}
 _PLANS: dict[str, Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], Planned]] = {
     "fp8": _fp8_plan,
     "nvfp4": _nvfp4_plan,
 }
 _ALGO = {"fp8": "FP8", "nvfp4": "NVFP4"}
+#: HF linears that read one input tensor, by their leaf names under one parent. ModelOpt's NVFP4
+#: export finds such groups with a forward pass and gives each member the group's max weight and
+#: input amax (its FP8 export keeps every linear's own).
+SHARED_INPUT = (
+    frozenset({"q_proj", "k_proj", "v_proj", "g_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"}),
+)
 
 
 def _quantized_modules(keys: list[str]) -> set[str]:
@@ -105,6 +114,32 @@ def _quantized_modules(keys: list[str]) -> set[str]:
         if f"{m}.{INPUT_AMAX}" not in keys:
             raise BridgeError(f"{m}.{INPUT_AMAX}: missing; weight-and-activation formats need the input amax too")
     return modules
+
+
+def shared_input_groups(quantized: set[str]) -> list[list[str]]:
+    """The quantized modules grouped by the input they read (see :data:`SHARED_INPUT`), sorted."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for module in sorted(quantized):
+        parent, _, leaf = module.rpartition(".")
+        kind = next((i for i, names in enumerate(SHARED_INPUT) if leaf in names), -1)
+        groups.setdefault((parent if kind >= 0 else module, kind), []).append(module)
+    return list(groups.values())
+
+
+def resolved_amax(
+    reader: CheckpointReader, fmt: str, quantized: set[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(weight amax, input amax) each quantized module is exported with: its own for FP8, its
+    shared-input group's max for NVFP4, as ModelOpt's exporter does."""
+    own = {m: (reader.read(f"{m}.{WEIGHT_AMAX}", ()), reader.read(f"{m}.{INPUT_AMAX}", ())) for m in quantized}
+    if fmt != "nvfp4":
+        return own
+    out = {}
+    for group in shared_input_groups(quantized):
+        weight = torch.stack([own[m][0].float() for m in group]).amax(0)
+        inputs = torch.stack([own[m][1].float() for m in group]).amax(0)
+        out |= {m: (weight.to(own[m][0].dtype), inputs.to(own[m][1].dtype)) for m in group}
+    return out
 
 
 def _kv_scale(key: str) -> str | None:
@@ -134,25 +169,59 @@ def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: set
 
 
 def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: set[str]) -> Tensors:
+    amax = resolved_amax(reader, fmt, quantized)
     for key in keys:
         if "_quantizer." in key:
             scale = _kv_scale(key)
             if scale is not None:
                 yield scale, reader.read(key, ()).float() / numerics.E4M3_MAX
         elif key.endswith(".weight") and module_of(key) in quantized:
-            yield from _QUANTIZERS[fmt](reader, module_of(key))
+            yield from _QUANTIZERS[fmt](reader, module_of(key), *amax[module_of(key)])
         else:
             yield key, reader.read(key, ())
 
 
-def quant_config(fmt: str, keys: list[str], quantized: set[str]) -> dict[str, Any]:
+def unquantized_modules(reader: CheckpointReader, keys: list[str], quantized: set[str], config: dict) -> set[str]:
+    """The modules ModelOpt would list as unquantized: every other matmul, embedding or convolution
+    (a ``.weight`` of two or more dims), and ``lm_head`` when it is tied to the embedding and so
+    has no tensor of its own. Norms (1-dim weights) carry no quantizer and are not listed."""
+    out = {module_of(k) for k in keys if k.endswith(".weight") and len(reader.shape(k)) >= 2} - quantized
+    text = config.get("text_config") or {}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    if tied and "lm_head.weight" not in keys:
+        out.add("lm_head")
+    return out
+
+
+def exclude_patterns(unquantized: set[str], quantized: set[str]) -> list[str]:
+    """``exclude_modules`` as ModelOpt summarizes it: each unquantized module under the shortest
+    dotted prefix wildcard (``model.visual*``, or ``a.*`` where ``a*`` would say too much) that
+    matches no quantized module, or its own name."""
+    taken = {q[:i] for q in quantized for i in range(len(q) + 1)}  # prefixes a wildcard must not cover
+    out: set[str] = set()
+    for module in sorted(unquantized):
+        for i, char in enumerate(module):
+            if char != ".":
+                continue
+            if module[:i] not in taken:
+                choice = {module[:i] + "*"}
+            elif module[: i + 1] not in taken and module[:i] not in quantized:
+                choice = {module[:i] + ".*"}
+            else:
+                continue
+            break
+        else:
+            choice = {module}
+        out |= choice
+    return sorted(out)
+
+
+def quant_config(fmt: str, exclude: list[str], kv: bool) -> dict[str, Any]:
     """``hf_quant_config.json``: the algorithm, the KV cache format and the unquantized modules."""
-    weighted = {module_of(k) for k in keys if k.endswith(".weight")}
-    kv = any(k.endswith(KV_AMAX) for k in keys)
     quantization: dict[str, Any] = {
         "quant_algo": _ALGO[fmt],
         "kv_cache_quant_algo": "FP8" if kv else None,
-        "exclude_modules": sorted(weighted - quantized),
+        "exclude_modules": exclude,
     }
     if fmt == "nvfp4":
         quantization["group_size"] = numerics.NVFP4_BLOCK
@@ -196,8 +265,9 @@ def export(
             raise BridgeError(
                 f"{src_dir}: no tensor ends in .{WEIGHT_AMAX}; export a calibrated model (with quantizer state) first"
             )
-        hf_quant = quant_config(fmt, keys, quantized)
         config = json.loads((src_dir / "config.json").read_text())
+        exclude = exclude_patterns(unquantized_modules(reader, keys, quantized, config), quantized)
+        hf_quant = quant_config(fmt, exclude, any(k.endswith(KV_AMAX) for k in keys))
         config["quantization_config"] = config_quantization(hf_quant)
         writer = ShardedWriter(out_dir, list(_planned(reader, keys, fmt, quantized)), max_shard_size)
         temp_dir = writer.create()

@@ -26,9 +26,14 @@ def _per_leading(scale: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def fp8_quantize(weight: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 weight, fp32 scale shaped like ``amax``); values beyond amax saturate at ±448."""
+    """(E4M3 weight, fp32 scale shaped like ``amax``); values beyond amax saturate at ±448.
+
+    The division follows torch's type promotion as ModelOpt's export does: a bf16 weight over a
+    0-dim fp32 scale (a ``[]`` amax) is divided in bf16, so the quotient is rounded to bf16 before
+    E4M3; ``[1]`` and per-expert ``[E]`` scales divide in fp32.
+    """
     scale = amax.float() / E4M3_MAX
-    scaled = weight.float() / _per_leading(scale, weight.dim())
+    scaled = weight / (scale if scale.dim() == 0 else _per_leading(scale, weight.dim()))
     return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 

@@ -1,0 +1,110 @@
+"""With NVIDIA ModelOpt itself: what it calibrates imports, and what bridgecore exports equals its export.
+
+A tiny Qwen3.5 dense model is loaded with transformers and calibrated on CPU by ``mtq.quantize``
+(``FP8_DEFAULT_CFG`` + ``FP8_KV_CFG``, and ``NVFP4_DEFAULT_CFG``; max calibration), then written
+twice: by ``save_pretrained`` (bf16 weights and ``*_quantizer._amax``, the checkpoint bridgecore
+imports) and by ModelOpt's ``export_hf_checkpoint`` (the reference). bridgecore imports the first
+at TP 2, round-trips it bit-exact and exports it with ``--quant``; every tensor, its dtype and every
+``hf_quant_config.json`` / ``quantization_config`` field must equal the reference (the producer
+names the tool). MTP is off: transformers builds no MTP layers, so ModelOpt never sees their weights.
+
+The MoE tiny shows the limit: ModelOpt names the quantizers of transformers' fused experts after
+modules the checkpoint lacks, which import refuses in one line. Runs only where nvidia-modelopt is
+installed (``nox -s tests-modelopt``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli_e2e import PLUGINS, bridgecore, load_dir, write_family_tiny
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+modelopt_export = pytest.importorskip("modelopt.torch.export")
+
+CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+
+
+def modelopt_calibrated(family: str, fmt: str, out: Path) -> tuple[Path, Path]:
+    """(``save_pretrained`` dir, ``export_hf_checkpoint`` dir) of the tiny ``family`` calibrated by ModelOpt."""
+    from transformers import AutoModelForCausalLM
+
+    src = out / "source"
+    write_family_tiny(family, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"mtp_num_hidden_layers": 0}))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    recipe = getattr(mtq, CONFIGS[fmt])
+    if fmt == "fp8":
+        recipe = mtq.update_quant_cfg_with_kv_cache_quant(recipe, mtq.FP8_KV_CFG["quant_cfg"])
+    tokens = torch.randint(0, config["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    model = mtq.quantize(model, recipe, lambda m: m(input_ids=tokens))
+    model.save_pretrained(out / "saved")
+    modelopt_export.export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out / "modelopt")
+    return out / "saved", out / "modelopt"
+
+
+@pytest.fixture(scope="module", params=["fp8", "nvfp4"])
+def dense(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    fmt = request.param
+    saved, reference = modelopt_calibrated("qwen35-dense", fmt, tmp_path_factory.mktemp(f"modelopt-{fmt}"))
+    return fmt, saved, reference
+
+
+def assert_same_files(got: Path, want: Path) -> None:
+    ours, theirs = load_dir(got), load_dir(want)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        mine = ours[name]
+        assert (mine.dtype, mine.shape) == (tensor.dtype, tensor.shape), name
+        bits = (lambda t: t.view(torch.uint8)) if tensor.element_size() == 1 else (lambda t: t)
+        assert torch.equal(bits(mine), bits(tensor)), name
+    ours_q, theirs_q = (json.loads((d / "hf_quant_config.json").read_text()) for d in (got, want))
+    assert ours_q["producer"]["name"] == "bridgecore-quant" and theirs_q["producer"]["name"] == "modelopt"
+    assert ours_q["quantization"] == theirs_q["quantization"]
+    ours_c, theirs_c = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (got, want))
+    assert ours_c | {"producer": None} == theirs_c | {"producer": None}
+
+
+def test_modelopt_checkpoint_roundtrips_bit_exact(dense, tmp_path: Path) -> None:
+    fmt, saved, _ = dense
+    result = bridgecore(
+        PLUGINS["qwen35-dense"], "roundtrip", str(saved), "--tp", "2", "--keep", str(tmp_path / "out"), nproc=2
+    )
+    assert "bit-exact" in result.stdout
+    # q/k/v and gate/up weight amax differ as ModelOpt calibrates each linear; GDN in_proj_a/b have none
+    assert "amax groups differ" in result.stdout and "largest ratio" in result.stdout
+    assert "in_proj_b.weight_quantizer._amax; its quantizer is" in result.stdout
+    assert sorted(load_dir(tmp_path / "out")) == sorted(load_dir(saved))
+
+
+def test_export_equals_modelopt_export(dense, tmp_path: Path) -> None:
+    fmt, saved, reference = dense
+    plugins = PLUGINS["qwen35-dense"]
+    bridgecore(plugins, "import", str(saved), str(tmp_path / "megatron"), "--tp", "2", nproc=2)
+    bridgecore(plugins, "export", str(tmp_path / "megatron"), str(tmp_path / fmt), "--quant", fmt)
+    assert_same_files(tmp_path / fmt, reference)
+
+
+def test_export_straight_from_the_calibrated_checkpoint_equals_modelopt(dense, tmp_path: Path) -> None:
+    from bridgecore_quant.formats import export
+
+    fmt, saved, reference = dense
+    assert_same_files(export(fmt, saved, tmp_path / fmt), reference)
+
+
+def test_fused_experts_are_refused_in_one_line(tmp_path: Path) -> None:
+    saved, _ = modelopt_calibrated("qwen35-moe", "fp8", tmp_path)
+    env_plugins = PLUGINS["qwen35-moe"]
+    with pytest.raises(AssertionError) as failed:
+        bridgecore(env_plugins, "roundtrip", str(saved))
+    message = str(failed.value)
+    assert "bridgecore: error: model.layers.0.mlp.experts." in message
+    assert "fused experts" in message and "Traceback" not in message
