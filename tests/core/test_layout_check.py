@@ -48,9 +48,9 @@ CASES = [
     ("llama-example", {}, Layout(vpp=2), r"--vpp 2: virtual pipeline stages need --pp 2 or more"),
     (
         "llama-example",
-        {"num_layers": 5, "account_for_embedding_in_pipeline_split": True},
+        {"num_layers": 6, "account_for_embedding_in_pipeline_split": True},
         Layout(pp=2),
-        r"--pp 2: num_layers \+ 1 \(embedding\) = 6",
+        r"--pp 2: num_layers \+ 1 \(embedding\) = 7 does not divide by 2",
     ),
     ("llama-example", {}, Layout(tp=3), r"--tp 3: num_attention_heads 4 does not divide by 3"),
     ("llama-example", {}, Layout(ep=2), r"--ep 2: this model has no experts to split"),
@@ -73,7 +73,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    ("name", "changes", "layout", "message"), CASES, ids=lambda v: str(v) if isinstance(v, Layout) else None
+    ("name", "changes", "layout", "message"),
+    CASES,
+    ids=[f"{name}-{'-'.join(changes) or 'as-is'}-{layout}" for name, changes, layout, _ in CASES],
 )
 def test_layout_check_names_the_value_and_what_it_must_divide(
     tmp_path_factory: pytest.TempPathFactory, name: str, changes: dict, layout: Layout, message: str
