@@ -109,7 +109,8 @@ def test_every_path_refuses_the_layout_before_any_work(
     result = run_cli("import", str(_odd_layers(llama_dir)), str(out), *flags, nproc=nproc, plugins=PLUGINS)
     assert result.returncode != 0
     assert "bridgecore: error: --pp 2: num_layers = 3 does not divide by 2" in result.stderr, result.stderr
-    assert "plugin" not in result.stderr and "Traceback" not in result.stderr
+    # not blamed on the plugin, no megatron-core assertion (torchrun adds its own report of the exit)
+    assert "plugin llama_example" not in result.stderr and "AssertionError" not in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".megatron.*"))
 
 
