@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-#: tiny model -> (plugin, extra import flags): the VL checkpoint's vision tower is not converted.
+#: tiny model -> (plugin, extra import flags); the VL checkpoint's vision tower, which is not
+#: converted, needs none: every path keeps it verbatim (passthrough).
 TINY = {
     "llama-example": ("llama_example", []),
     "step35": ("step35", []),
     "step37": ("step37", []),
     "qwen35-dense": ("qwen35", []),
     "qwen35-moe": ("qwen35", []),
-    "qwen36-moe-vl": ("qwen35", ["--allow-unmapped", "model.visual.*"]),
+    "qwen36-moe-vl": ("qwen35", []),
 }
 
 

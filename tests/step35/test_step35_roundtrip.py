@@ -37,7 +37,7 @@ def check(result: dict) -> None:
 def test_cli_tp1(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`bridgecore roundtrip`, `verify` and `demo` (through torch_dist) on the tiny model, in-process."""
     assert main(["roundtrip", str(tiny_dir)]) == 0
-    assert main(["verify", str(tiny_dir), "--atol", str(TOLERANCE)]) == 0
+    assert main(["verify", str(tiny_dir), "--rtol", str(TOLERANCE)]) == 0
     assert main(["demo", "--only", "step35", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "95/95 tensors identical" in out and "argmax agreement 100.0%" in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 from bridgecore import __version__
+from bridgecore.conversion import ConversionPlan
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import read_config
-from bridgecore.hf.reader import CheckpointReader
-from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
+from bridgecore.hf.reader import INDEX_FILE, CheckpointReader
+from bridgecore.hf.writer import check_target, parse_size
 from bridgecore.mapping import Binding, HFPiece, MappingTable
 from bridgecore.megatron import parallel
 from bridgecore.megatron.build import build_chunks
@@ -37,17 +39,34 @@ Model = list[torch.nn.Module]
 
 @dataclass
 class SourceMeta:
-    """Names, shapes and dtypes of the source HF checkpoint, in its order: what export restores.
+    """Names, shapes, dtypes and files of the source HF checkpoint, in its order: what export restores.
 
-    Export casts every tensor back to its source dtype and writes tensors in source order, also
-    when it starts from a Megatron checkpoint, which keeps this record beside its weights.
+    Export casts every tensor back to its source dtype and writes tensors in source order into the
+    source's files, also when it starts from a Megatron checkpoint, which keeps this record beside
+    its weights (records written before files were kept have none: export then shards by size).
     """
 
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    #: the file of each tensor, when known, in the order of the source's index (its file order
+    #: without an index); ``tensors`` keeps the order of the data in the files.
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, reader: CheckpointReader) -> SourceMeta:
-        return cls({k: (tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()})
+        index = reader.hf_dir / INDEX_FILE
+        # The reader has validated the index: it names exactly the tensors of the files.
+        listed = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else reader.keys()
+        return cls(
+            {k: (tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()},
+            {k: reader.file_of(k).name for k in listed},
+        )
+
+    def files_of(self, names: Sequence[str]) -> dict[str, str] | None:
+        """The source file of each of ``names``, in index order, or None unless ``names`` are
+        exactly the tensors the source's files hold."""
+        if not names or set(names) != self.files.keys():
+            return None
+        return dict(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][0]
@@ -56,11 +75,18 @@ class SourceMeta:
         return self.tensors[name][1]
 
     def to_json(self) -> list[list[Any]]:
-        return [[n, list(s), str(d).removeprefix("torch.")] for n, (s, d) in self.tensors.items()]
+        """One row per tensor in data order: name, shape, dtype and, when known, file and index position."""
+        position = {n: i for i, n in enumerate(self.files)}
+        return [
+            [n, list(s), str(d).removeprefix("torch."), *([self.files[n], position[n]] if n in self.files else [])]
+            for n, (s, d) in self.tensors.items()
+        ]
 
     @classmethod
     def from_json(cls, rows: list[list[Any]]) -> SourceMeta:
-        return cls({n: (tuple(s), getattr(torch, d)) for n, s, d in rows})
+        """Rows of :meth:`to_json`; rows of records written before files were kept have three entries."""
+        placed = sorted((row for row in rows if len(row) == 5), key=lambda row: row[4])
+        return cls({n: (tuple(s), getattr(torch, d)) for n, s, d, *_ in rows}, {row[0]: row[3] for row in placed})
 
 
 #: model sizes every conversion builds tensors from; larger values are corrupt configs, not models.
@@ -162,6 +188,8 @@ class AutoBridge:
         #: the dtype floating-point HF tensors are written in when no source checkpoint says theirs
         #: (an export from config.json alone); None keeps the params' dtype.
         self.float_dtype: torch.dtype | None = None
+        #: the plan this conversion executes (see :meth:`plan_conversion`).
+        self.conversion: ConversionPlan | None = None
 
     @classmethod
     def from_hf_pretrained(
@@ -272,13 +300,6 @@ class AutoBridge:
         globs = self.plugins.call_owned("passthrough", self.plugin, config=self.config, hf_keys=self.hf_keys) or []
         return [k for k in self.source.tensors if any(fnmatch.fnmatchcase(k, g) for g in globs)]
 
-    def _copy_passthrough(self, writer: ShardedWriter) -> None:
-        names = self.passthrough
-        if names and self.passthrough_reader is None:
-            raise BridgeError(f"{len(names)} passthrough tensors (e.g. {names[0]}) have no copy to export from")
-        for name in names:
-            writer.write(name, self.passthrough_reader.read(name, ()))
-
     def mapping_table(self) -> MappingTable:
         weights = self.plugins.call_owned("mappings", self.plugin, config=self.config, hf_keys=self.hf_keys)
         if not weights:
@@ -291,6 +312,23 @@ class AutoBridge:
             for m in ms or ()
         ]
         return MappingTable(list(weights) + extra)
+
+    def plan_conversion(
+        self, layout: parallel.Layout | None = None, allow_unmapped: Sequence[str] = ()
+    ) -> ConversionPlan:
+        """Check ``layout`` against the model, then decide once what the conversion reads, maps,
+        keeps verbatim and checks; every path (in memory, offline, under torchrun) executes it."""
+        layout = layout or parallel.Layout()
+        parallel.check_divisible(self.config, layout)
+        self.conversion = ConversionPlan(self, layout, self.mapping_table(), self.passthrough, tuple(allow_unmapped))
+        return self.conversion
+
+    def _conversion(self, layout: parallel.Layout | None = None) -> ConversionPlan:
+        """The plan made last, or one for ``layout`` (keeping its waivers) when that differs or none was made."""
+        made = self.conversion
+        if made is None or (layout is not None and made.layout != layout):
+            return self.plan_conversion(layout, made.allow_unmapped if made else ())
+        return made
 
     # -- Megatron model -------------------------------------------------------------------------
     def to_megatron_model(
@@ -305,7 +343,7 @@ class AutoBridge:
         ``meta=True`` builds without memory (shapes only) and never loads.
         """
         layout = layout or parallel.Layout()
-        parallel.check_divisible(self.config, layout)
+        self.plan_conversion(layout, allow_unmapped)
         parallel.init_model_parallel(layout)
         model = parallel.collective(self.build_chunks, layout, meta)
         if load_weights and not meta:
@@ -314,6 +352,7 @@ class AutoBridge:
 
     def build_chunks(self, layout: parallel.Layout, meta: bool = False) -> Model:
         """This rank's model chunks for ``layout`` in megatron-core's current parallel state, unloaded."""
+        plan = self._conversion(layout)
         self.config = dataclasses.replace(
             self.config,
             **layout.megatron_sizes(),
@@ -323,30 +362,22 @@ class AutoBridge:
             "layer_spec", self.plugin, config=self.config, vp_stage=vp_stage
         )  # noqa: E731
         model = build_chunks(self.config, spec, meta)
-        table = self.mapping_table()
-        for chunk in model:
-            self.plugins.call_all(
-                "prepare_model",
-                model=chunk,
-                config=self.config,
-                hf_keys=self.hf_keys,
-                table=table,
-                source=self.reader or self.source,
-            )
+        plan.prepare(model)
         return model
 
     def bind(
         self, model: Model, hf_keys: frozenset[str] | None, allow_unmapped: Sequence[str] = ()
     ) -> list[tuple[LocalTensor, Binding]]:
         """This rank's tensors with their mappings; coverage is checked over all ranks together."""
-        table = self.mapping_table()
+        plan = self._conversion()
+        table = plan.table
         tensors = [t for t in local_tensors(model, self.config) if not self.embedding_copy(t)]
 
         def cover() -> None:
             names = sorted({n for names in parallel.all_gather_objects([t.name for t in tensors]) for n in names})
             if parallel.rank() == 0:
-                coverage = table.cover(names, hf_keys, [*allow_unmapped, *(hf_keys and self.passthrough or [])])
-                self.waived = sorted(coverage.waived_hf + coverage.waived_megatron)
+                plan.cover(names, hf_keys, allow_unmapped)
+                self.waived = plan.waived
 
         parallel.collective(cover)
         bound = []
@@ -411,20 +442,9 @@ class AutoBridge:
         """Save ``model`` as a torch_dist checkpoint Megatron-LM can ``--load`` (all ranks call)."""
         from bridgecore.megatron.checkpoint import save_dist
 
-        save_dist(model, Path(out_dir), self.megatron_meta(), self.hf_dir, overwrite, extra=self._keep_passthrough)
+        plan = self._conversion()
+        save_dist(model, Path(out_dir), self.megatron_meta(), self.hf_dir, overwrite, extra=plan.keep_passthrough)
         return Path(out_dir)
-
-    def _keep_passthrough(self, ckpt_dir: Path) -> None:
-        from bridgecore.megatron.checkpoint import PASSTHROUGH
-
-        names = self.passthrough
-        if names:
-            writer = ShardedWriter(
-                ckpt_dir / PASSTHROUGH, [(n, self.source.shape(n), self.source.dtype(n)) for n in names]
-            )
-            writer.create()
-            self._copy_passthrough(writer)
-            writer.commit([writer.written()])
 
     def megatron_meta(self) -> dict[str, Any]:
         """What a Megatron checkpoint keeps beside its weights so that export needs nothing else."""
@@ -478,7 +498,7 @@ class AutoBridge:
             for name, entry in part.items():
                 if merged.setdefault(name, entry) != entry:
                     raise BridgeError(f"{name}: ranks disagree on its shape/dtype: {merged[name]} vs {entry}")
-        for name in self.passthrough:
+        for name in self._conversion().passthrough:
             merged[name] = (self.source.shape(name), self.source.dtype(name))
         order = [k for k in (self.source.tensors if self.source else []) if k in merged]
         order += sorted(set(merged) - set(order))
@@ -502,7 +522,7 @@ class AutoBridge:
                 filled[piece.name] = filled.get(piece.name, 0) + 1
                 if filled[piece.name] == piece.num_experts:
                     yield piece.name, pending.pop(piece.name)
-        for name in self.passthrough:
+        for name in self._conversion().passthrough:
             yield name, self.passthrough_reader.read(name, ())
 
     def save_hf_pretrained(
@@ -514,14 +534,15 @@ class AutoBridge:
         bound = parallel.collective(self.bind, model, None)
         plan = parallel.collective(self.plan, bound)
         size = parse_size(max_shard_size)
+        conversion = self._conversion()
         writer = None
         try:
             if parallel.rank() == 0:
-                writer = ShardedWriter(out_dir, plan, size)
+                writer = conversion.hf_writer(out_dir, plan, size)
                 writer.create()
             temp = parallel.broadcast_object(writer.temp_dir if writer else None)
             if writer is None:
-                writer = ShardedWriter.attach(out_dir, plan, size, temp)
+                writer = conversion.hf_writer(out_dir, plan, size, temp)
 
             def write() -> None:
                 for t, b in track(bound, "export", "tensor", enabled=parallel.rank() == 0):
@@ -530,7 +551,7 @@ class AutoBridge:
                         for p in pieces:
                             writer.write(p.name, p.tensor, expert=p.expert)
                 if parallel.rank() == 0:
-                    self._copy_passthrough(writer)
+                    conversion.copy_passthrough(writer)
 
             parallel.collective(write)
             written = parallel.all_gather_objects(writer.written())

@@ -123,10 +123,20 @@ def _say_notes(bridge: AutoBridge) -> AutoBridge:
     return bridge
 
 
+def _shown(names: Sequence[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
 def _report_waived(bridge: AutoBridge) -> None:
+    """What ``--allow-unmapped`` left out, and, apart from it, what the plugin keeps verbatim."""
     if bridge.waived:
-        shown = ", ".join(bridge.waived[:8]) + (f" and {len(bridge.waived) - 8} more" if len(bridge.waived) > 8 else "")
-        say(f"--allow-unmapped: left {len(bridge.waived)} unmapped: {shown}")
+        say(f"--allow-unmapped: left {len(bridge.waived)} unmapped: {_shown(bridge.waived)}")
+    kept = bridge.conversion.passthrough if bridge.conversion else []
+    if kept:
+        say(
+            f"passthrough: plugin {bridge.plugin.name} keeps {len(kept)} HF tensors verbatim,"
+            f" not converted: {_shown(kept)}"
+        )
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -171,14 +181,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ]
     for f in fields:
         print(f"  {f:40s} {getattr(c, f, None)}")
-    model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True)
-    bound = bridge.bind(model, bridge.hf_keys, args.allow_unmapped)
+    model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True, allow_unmapped=args.allow_unmapped)
+    bound = bridge.bind(model, bridge.hf_keys)
     _report_waived(bridge)
     print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors")
     for t, b in bound:
         print(f"{t.name:70s} {type(b.mapping).__name__:16s} {', '.join(b.hf)}")
     used = {n for _, b in bound for n in b.hf}
-    print(f"\ncoverage: {len(bound)} Megatron tensors <- {len(used)} of {len(bridge.hf_keys)} HF tensors")
+    kept = len(bridge.conversion.passthrough)
+    print(
+        f"\ncoverage: {len(bound)} Megatron tensors <- {len(used)} of {len(bridge.hf_keys)} HF tensors"
+        + (f"; {kept} kept verbatim (passthrough)" if kept else "")
+    )
     return 0
 
 
@@ -198,6 +212,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             threads=args.threads,
         )
+        _report_waived(bridge)
         say(
             f"imported {args.hf_dir} -> {args.megatron_dir} offline ({_layout(args)})"
             f" in {time.perf_counter() - start:.1f}s"
@@ -296,8 +311,19 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from bridgecore.bridge import AutoBridge
+    from bridgecore.compare import LogitsParity
+    from bridgecore.megatron import parallel
     from bridgecore.megatron.compat import cpu_compat
 
+    layout = _layout(args)
+    if layout.pp > 1 or layout.vpp:
+        flags = f"--pp {layout.pp}" + (f" --vpp {layout.vpp}" if layout.vpp else "")
+        raise BridgeError(
+            f"verify {flags}: logits across pipeline stages need megatron-core's training schedule,"
+            " which verify does not run; check PP layouts with roundtrip, verify at --tp/--ep"
+        )
+    if not args.rtol > 0:
+        raise BridgeError(f"--rtol {args.rtol}: expected a positive relative tolerance")
     bridge = _say_notes(
         AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin, params_dtype=torch.float32)
     )
@@ -311,20 +337,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
     reference = bridge.plugins.call_owned("hf_reference", bridge.plugin, hf_config=bridge.hf_config)
     if reference is None:
         raise BridgeError(f"plugin {bridge.plugin.name} offers no reference forward for this checkpoint")
-    model = bridge.to_megatron_model()
+    model = bridge.to_megatron_model(layout)
     tokens = torch.randint(
         0, bridge.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
     )
-    with cpu_compat(), torch.no_grad():
-        ours = bridge.config.forward_logits(model[0], tokens).float()
-    theirs = reference(Path(args.hf_dir), tokens).float()
-    diff = (ours - theirs).abs()
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    say(
-        f"logits {list(ours.shape)}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e},"
-        f" argmax agreement {agree:.1%} (tolerance {args.atol:g})"
-    )
-    return 0 if diff.max().item() <= args.atol else 1
+
+    def forward() -> torch.Tensor:
+        with cpu_compat(), torch.no_grad():
+            return bridge.config.forward_logits(model[0], tokens).float()
+
+    ours = parallel.collective(forward)  # every rank takes part in the TP and EP collectives
+
+    def compare() -> None:
+        if parallel.rank() != 0:
+            return
+        parity = LogitsParity.of(ours, reference(Path(args.hf_dir), tokens))
+        say(
+            f"logits {list(ours.shape)} at {layout}: max abs diff {parity.max_abs_diff:.3e}"
+            f" (mean {parity.mean_abs_diff:.3e}) against a largest reference |logit| of {parity.scale:.3g}:"
+            f" relative {parity.relative:.3e}, tolerance {args.rtol:g}; argmax agreement {parity.argmax_agreement:.1%}"
+        )
+        if parity.relative > args.rtol:
+            raise BridgeError(
+                f"{args.hf_dir}: Megatron logits differ from the transformers reference by {parity.relative:.3e} of the"
+                f" largest reference logit, above the tolerance {args.rtol:g} (--rtol)"
+            )
+
+    parallel.collective(compare)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -426,12 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
     p.set_defaults(fn=cmd_roundtrip)
 
-    p = sub.add_parser("verify", help="Megatron logits vs the plugin's transformers reference (CPU, fp32)")
+    p = sub.add_parser(
+        "verify",
+        help="Megatron logits vs the plugin's transformers reference (CPU, fp32)",
+        description="Passes when max |Megatron - reference| over all logits, divided by the largest"
+        " |reference logit|, is at most --rtol; fails with exit status 2 otherwise. Under torchrun"
+        " the Megatron model runs at --tp/--ep/--etp (PP is refused).",
+    )
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--plugin")
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed max abs logit difference")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-4,
+        help="largest allowed max abs logit difference relative to the largest |reference logit| (default 1e-4)",
+    )
+    _layout_args(p)
     p.set_defaults(fn=cmd_verify)
 
     p = sub.add_parser("demo", help="tiny model of every installed family: generate, import, export, check")

@@ -1,4 +1,5 @@
-"""Bit-exact comparison of two HF checkpoints, tensor by tensor (one tensor in memory at a time)."""
+"""Bit-exact comparison of two HF checkpoints, tensor by tensor (one tensor in memory at a time), and
+the logits comparison of ``bridgecore verify``."""
 
 from __future__ import annotations
 
@@ -63,3 +64,28 @@ def print_report(report: Report, verbose: bool = False) -> None:
         print("  config.json differs")
     verdict = "bit-exact" if report.exact else f"{len(bad)} tensors differ"
     print(f"roundtrip: {len(report.rows) - len(bad)}/{len(report.rows)} tensors identical: {verdict}")
+
+
+@dataclass(frozen=True)
+class LogitsParity:
+    """How far Megatron's logits are from the reference's, relative to the reference's scale."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    #: the largest |reference logit|: the scale the difference is measured against.
+    scale: float
+    #: ``max_abs_diff / scale``: what ``verify --rtol`` bounds.
+    relative: float
+    argmax_agreement: float
+
+    @classmethod
+    def of(cls, ours: torch.Tensor, reference: torch.Tensor) -> LogitsParity:
+        diff = (ours.float() - reference.float()).abs()
+        scale = reference.float().abs().max().item()
+        return cls(
+            max_abs_diff=diff.max().item(),
+            mean_abs_diff=diff.mean().item(),
+            scale=scale,
+            relative=diff.max().item() / max(scale, torch.finfo(torch.float32).tiny),
+            argmax_agreement=(ours.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+        )

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from bridgecore.bridge import AutoBridge, exact_cast
 from bridgecore.errors import BridgeError
-from bridgecore.hf.writer import ShardedWriter, check_target, parse_size, temporary_sibling
+from bridgecore.hf.writer import check_target, parse_size, temporary_sibling
 from bridgecore.mapping import Binding
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
@@ -176,16 +176,16 @@ def stream_to_megatron(
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
     _require_no_process_group("offline import")
-    layout = layout or Layout()
     if bridge.reader is None:
         raise BridgeError("offline import needs the HF weights; this bridge was made from a config only")
-    recipes, saved, common, table = {}, {}, None, None
+    plan = bridge.plan_conversion(layout, allow_unmapped)
+    layout = plan.layout
+    recipes, saved, common = {}, {}, None
     names: set[str] = set()
     world = layout.pp * math.lcm(layout.tp, layout.ep * layout.etp)
     for rank in range(world):
         with _simulated_rank(rank, world, layout):
             chunks = bridge.build_chunks(layout, meta=True)
-            table = table or bridge.mapping_table()
             tensors = [t for t in local_tensors(chunks, bridge.config) if not bridge.embedding_copy(t)]
             names.update(t.name for t in tensors)
             objects, views, rank_common = _main_chunks(chunks, tensors)
@@ -196,12 +196,13 @@ def stream_to_megatron(
                 chunk_id = (item.key, tuple(item.global_offset))
                 if chunk_id in recipes:
                     continue
-                binding = table.find(param.name)
+                binding = plan.table.find(param.name)
                 if binding is None:
                     raise BridgeError(f"{param.name}: saved as {item.key} but no mapping fills it")
                 recipes[chunk_id] = _Recipe(param, binding, region)
                 saved.setdefault(item.key, []).append(item)
-    table.cover(sorted(names), bridge.hf_keys, allow_unmapped)
+    plan.cover(sorted(names), bridge.hf_keys)
+    bridge.waived = plan.waived
 
     temp = temporary_sibling(out_dir, "tmp")
     try:
@@ -219,6 +220,7 @@ def stream_to_megatron(
             strategy = get_default_save_sharded_strategy()
             save_config(CheckpointingConfig(strategy.backend, strategy.version), str(temp / RELEASE))
             torch.save(common, temp / RELEASE / "common.pt")
+        plan.keep_passthrough(temp)
         publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
     except BaseException as exc:
         shutil.rmtree(temp, ignore_errors=True)
@@ -314,6 +316,7 @@ def stream_to_hf(
     check_target(out_dir, overwrite)
     release = training.torch_dist_dir(ckpt_dir, iteration)
     saved = _SavedChunks(release, training.saved_metadata(release))
+    conversion = bridge.plan_conversion(Layout())
     with _simulated_rank(0, 1, Layout()):
         chunks = bridge.build_chunks(Layout(), meta=True)
         bound = bridge.bind(chunks, None)
@@ -325,7 +328,7 @@ def stream_to_hf(
     for item, param, region in views:
         regions.setdefault(param.name, []).append((item, region))
     buffers = _Buffers(max((t.tensor.nbytes for t, _ in bound), default=0))
-    writer = ShardedWriter(out_dir, plan, parse_size(max_shard_size))
+    writer = conversion.hf_writer(out_dir, plan, parse_size(max_shard_size))
     writer.create()
 
     def read(pair: tuple[LocalTensor, Binding]) -> torch.Tensor:
@@ -340,6 +343,7 @@ def stream_to_hf(
                 dtype = bridge.hf_dtype(piece.name, value.dtype)
                 writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
             buffers.give(value)
+        conversion.copy_passthrough(writer)
         if bridge.hf_dir is None:
             _write_json(Path(writer.temp_dir) / "config.json", bridge.hf_config)
         writer.commit([writer.written()], side_files_from=bridge.hf_dir, overwrite=overwrite)

@@ -47,6 +47,8 @@ _UNITS = {
 }
 
 PlanEntry = tuple[str, Sequence[int], torch.dtype]
+#: a shard file name a restored layout may use: no directory part, not hidden.
+_PLAIN_FILE = re.compile(r"[^/\\.][^/\\]*\.safetensors")
 #: What one process wrote: (tensor name, expert slab or None for the whole tensor).
 Written = list[tuple[str, int | None]]
 
@@ -127,19 +129,37 @@ class Shard:
 class ShardedWriter:
     """Writes the tensors of `plan` (ordered `(name, shape, dtype)`) as HF safetensors shards in `out_dir`."""
 
-    def __init__(self, out_dir: Path, plan: Sequence[PlanEntry], max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE):
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: Sequence[PlanEntry],
+        max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+        files: dict[str, str] | None = None,
+    ):
+        """``files`` (tensor name -> file name, for every planned tensor) restores a known shard split:
+        each file holds its tensors in plan order; without it, shards fill up to ``max_shard_size``."""
         self.out_dir = Path(out_dir)
-        self.shards, self.placements = _layout(plan, parse_size(max_shard_size))
+        if files is None:
+            self.shards, self.placements = _layout(plan, parse_size(max_shard_size))
+        else:
+            self.shards, self.placements = _source_layout(plan, files)
+        #: whether ``commit`` writes the index: several files, or files not named as one file is.
+        self.indexed = len(self.shards) > 1 or any(shard.file != SINGLE_FILE for shard in self.shards)
         self.temp_dir: Path | None = None
         self._files: dict[str, int] = {}
         self._written: Written = []
 
     @classmethod
     def attach(
-        cls, out_dir: Path, plan: Sequence[PlanEntry], max_shard_size: str | int, temp_dir: Path
+        cls,
+        out_dir: Path,
+        plan: Sequence[PlanEntry],
+        max_shard_size: str | int,
+        temp_dir: Path,
+        files: dict[str, str] | None = None,
     ) -> ShardedWriter:
         """A writer for another process, into the temporary directory that `create` made."""
-        writer = cls(out_dir, plan, max_shard_size)
+        writer = cls(out_dir, plan, max_shard_size, files)
         writer.temp_dir = Path(temp_dir)
         for shard in writer.shards:
             path = writer.temp_dir / shard.file
@@ -191,7 +211,7 @@ class ShardedWriter:
         with _disk_errors(self.out_dir, temp_dir):
             for shard in self.shards:
                 _sync_file(temp_dir / shard.file, shard.size)
-            if len(self.shards) > 1:
+            if self.indexed:
                 _write_index(temp_dir / INDEX_FILE, self.placements)
             if side_files_from is not None:
                 copy_side_files(Path(side_files_from), temp_dir)
@@ -285,6 +305,36 @@ def _layout(plan: Sequence[PlanEntry], max_shard_size: int) -> tuple[list[Shard]
     # The index lists tensors in plan order, whatever order the files hold them in.
     ordered = {name: placements[name] for name, _, _ in plan}
     return shards, ordered
+
+
+def _source_layout(plan: Sequence[PlanEntry], files: dict[str, str]) -> tuple[list[Shard], dict[str, Placement]]:
+    """Shards as named by ``files``, in the order their first tensors come in the plan, each holding
+    its tensors in plan order (a source checkpoint's own order when the plan follows it)."""
+    groups: dict[str, list[tuple[str, str, tuple[int, ...], torch.dtype]]] = {}
+    seen: set[str] = set()
+    for name, shape, dtype in plan:
+        if name in seen or name == METADATA_KEY:
+            raise BridgeError(f"{name}: appears twice in the export plan (or is reserved); expected unique names")
+        if name not in files:
+            raise BridgeError(f"{name}: the export plan names no file for it; expected one for every tensor")
+        file = files[name]
+        if not _PLAIN_FILE.fullmatch(file):
+            raise BridgeError(f"{name}: planned for file {file!r}; expected a plain NAME.safetensors file name")
+        seen.add(name)
+        code = code_of(dtype, name)
+        groups.setdefault(file, []).append((name, code, tuple(int(s) for s in shape), dtype))
+    shards, placements = [], {}
+    for file, group in groups.items():
+        tensors = [(name, code, shape) for name, code, shape, _ in group]
+        header = encode_header(tensors, FILE_METADATA)
+        offset = len(header)
+        for name, code, shape, dtype in group:
+            size = data_bytes(code, shape)
+            placements[name] = Placement(file, offset, size, shape, dtype)
+            offset += size
+        shards.append(Shard(file, tensors, header))
+    # The index lists tensors in the order of ``files``, whatever order the files hold them in.
+    return shards, {name: placements[name] for name in files if name in placements}
 
 
 @contextmanager

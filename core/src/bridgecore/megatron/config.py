@@ -41,6 +41,13 @@ class ModelConfig(TransformerConfig):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
 
+    def parallel_splits(self) -> dict[str, dict[str, int]]:
+        """Sizes of this family that a parallel flag (``tp``, ``ep``, ``etp``) must divide, beyond the
+        ``TransformerConfig`` ones the core checks, e.g. ``{"tp": {"sliding_num_attention_heads": 8}}``.
+
+        The layout check refuses a layout that does not divide them before any work."""
+        return {}
+
     def build_model(
         self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool, vp_stage: int | None
     ) -> torch.nn.Module:

@@ -43,25 +43,87 @@ class Layout:
 
 
 #: the config values each parallel size must divide: a split that is not even cannot be exact.
+#: A family adds its own through ``ModelConfig.parallel_splits`` (per-layer-type heads, ...).
 _SPLIT_BY = {
-    "tp": ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"),
+    "tp": (
+        "num_attention_heads",
+        "num_query_groups",
+        "ffn_hidden_size",
+        "vocab_size",
+        "moe_shared_expert_intermediate_size",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+    ),
     "ep": ("num_moe_experts",),
     "etp": ("moe_ffn_hidden_size",),
 }
 
 
+def _split_sizes(config: Any) -> dict[str, dict[str, int]]:
+    """Per flag, the config values (name -> value) it must divide; values a model does not have are left out."""
+    sizes = {
+        flag: {n: v for n in names if isinstance(v := getattr(config, n, None), int) and not isinstance(v, bool)}
+        for flag, names in _SPLIT_BY.items()
+    }
+    for flag, values in getattr(config, "parallel_splits", dict)().items():
+        sizes.setdefault(flag, {}).update(values)
+    return sizes
+
+
+def _pipeline_layers(config: Any, layout: Layout) -> None:
+    """Megatron-core's even pipeline split: every PP rank, and each of its VPP chunks, gets the same
+    number of decoder layers (the embedding and loss count as one when the config says so). MTP
+    layers sit on the last stage, outside this split."""
+    layers = config.num_layers
+    counted = "num_layers"
+    for flag, what in (
+        ("account_for_embedding_in_pipeline_split", "embedding"),
+        ("account_for_loss_in_pipeline_split", "loss"),
+    ):
+        if getattr(config, flag, False):
+            layers += 1
+            counted += f" + 1 ({what})"
+    if layers % layout.pp:
+        raise BridgeError(
+            f"--pp {layout.pp}: {counted} = {layers} does not divide by {layout.pp};"
+            f" expected a --pp that divides {layers} (the decoder layers are split evenly over the stages)"
+        )
+    if layout.vpp is None:
+        return
+    if layout.pp == 1:
+        raise BridgeError(f"--vpp {layout.vpp}: virtual pipeline stages need --pp 2 or more")
+    per_rank = layers // layout.pp
+    if per_rank % layout.vpp:
+        raise BridgeError(
+            f"--vpp {layout.vpp}: the {per_rank} layers of each of the {layout.pp} pipeline ranks do not divide"
+            f" by {layout.vpp}; expected a --vpp that divides {per_rank}"
+        )
+
+
 def check_divisible(config: Any, layout: Layout) -> None:
-    """Refuse a layout that does not split the model evenly, before any process group or tensor exists."""
-    for flag, fields in _SPLIT_BY.items():
+    """Refuse a layout that does not split the model evenly, before any process group or tensor exists.
+
+    The one layout check of every path (in memory, offline, under torchrun): each size must be
+    positive, TP must divide the attention heads and groups, FFN, vocab and the family's other
+    TP-split sizes, PP (and VPP) the decoder layers, EP the experts, ETP the expert FFN.
+    """
+    for flag in ("tp", "pp", "ep", "etp", "vpp"):
         size = getattr(layout, flag)
-        for name in fields:
-            value = getattr(config, name, None)
-            if size > 1 and isinstance(value, int) and value % size:
-                values = ", ".join(f"{f} {getattr(config, f)}" for f in fields if getattr(config, f, None) is not None)
+        if (size is not None or flag != "vpp") and (not isinstance(size, int) or size < 1):
+            raise BridgeError(f"--{flag} {size}: expected a positive integer")
+    for flag, values in _split_sizes(config).items():
+        size = getattr(layout, flag)
+        for name, value in values.items():
+            if size > 1 and value % size:
+                listed = ", ".join(f"{n} {v}" for n, v in values.items())
                 raise BridgeError(
                     f"--{flag} {size}: {name} {value} does not divide by {size};"
-                    f" expected a --{flag} that divides {values}"
+                    f" expected a --{flag} that divides {listed}"
                 )
+    if not getattr(config, "num_moe_experts", None) and (layout.ep > 1 or layout.etp > 1):
+        flag = "ep" if layout.ep > 1 else "etp"
+        raise BridgeError(f"--{flag} {getattr(layout, flag)}: this model has no experts to split; expected --{flag} 1")
+    _pipeline_layers(config, layout)
 
 
 def _free_port() -> int:

@@ -75,6 +75,16 @@ class Step35Config(ModelConfig):
         layer.swiglu_limit_shared = self.swiglu_limits_shared[index] or None
         return layer
 
+    def parallel_splits(self) -> dict[str, dict[str, int]]:
+        if SLIDING not in self.layer_types:
+            return {}
+        return {
+            "tp": {
+                "sliding_num_attention_heads": self.sliding_num_attention_heads,
+                "sliding_num_query_groups": self.sliding_num_query_groups,
+            }
+        }
+
     def rope_scaled(self, index: int) -> bool:
         return self.llama3_rope is not None and self.layer_types[index] in self.llama3_layer_types
 

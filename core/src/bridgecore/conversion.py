@@ -1,0 +1,119 @@
+"""One conversion, decided once: what it reads, maps, keeps verbatim, checks and writes.
+
+:meth:`bridgecore.bridge.AutoBridge.plan_conversion` makes the :class:`ConversionPlan` of a layout.
+The in-memory paths (:class:`~bridgecore.bridge.AutoBridge`, one rank or many) and the offline paths
+(:mod:`bridgecore.offline`) only execute it, so a hook or a check cannot run on one path and be
+missed by the other:
+
+- the layout check runs when the plan is made, before any process group, file or tensor;
+- ``table`` holds the plugin's ``mappings`` and every plugin's ``quant_mappings``;
+- :meth:`ConversionPlan.prepare` runs every plugin's ``prepare_model`` on each built chunk;
+- ``passthrough`` names what the plugin keeps verbatim: left out of strict coverage, kept beside a
+  Megatron checkpoint and copied unchanged into every HF export;
+- :meth:`ConversionPlan.cover` checks strict coverage, waiving the user's ``--allow-unmapped``;
+- :meth:`ConversionPlan.hf_writer` lays out the HF export, restoring the source's shard files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from bridgecore.errors import BridgeError
+from bridgecore.hf.writer import PlanEntry, ShardedWriter
+from bridgecore.mapping import MappingTable
+from bridgecore.mapping.table import Coverage
+from bridgecore.megatron.parallel import Layout
+
+if TYPE_CHECKING:
+    from bridgecore.bridge import AutoBridge
+
+
+@dataclass
+class ConversionPlan:
+    """What one conversion of ``bridge`` at ``layout`` does; see the module docstring."""
+
+    bridge: AutoBridge
+    layout: Layout
+    table: MappingTable
+    #: HF tensors the plugin keeps verbatim (its ``passthrough`` hook), in source order.
+    passthrough: list[str]
+    #: the user's ``--allow-unmapped`` globs.
+    allow_unmapped: tuple[str, ...] = ()
+    #: what the last coverage check waived by ``allow_unmapped`` (never passthrough tensors), to report.
+    waived: list[str] = field(default_factory=list)
+
+    def prepare(self, chunks: Iterable[torch.nn.Module]) -> None:
+        """Every plugin's ``prepare_model`` on each freshly built chunk, before weights are loaded."""
+        bridge = self.bridge
+        for chunk in chunks:
+            bridge.plugins.call_all(
+                "prepare_model",
+                model=chunk,
+                config=bridge.config,
+                hf_keys=bridge.hf_keys,
+                table=self.table,
+                source=bridge.reader or bridge.source,
+            )
+
+    def cover(
+        self, megatron_names: Sequence[str], hf_keys: frozenset[str] | None, allow_unmapped: Sequence[str] = ()
+    ) -> Coverage:
+        """Strict coverage of the model's params and (with ``hf_keys``, on import) the checkpoint's
+        tensors; passthrough tensors are not the user's waiver and are not reported as one."""
+        kept = set(self.passthrough if hf_keys else ())
+        waivers = (*self.allow_unmapped, *allow_unmapped)
+        coverage = self.table.cover(
+            megatron_names, hf_keys, [*waivers, *(_literal(n) for n in self.passthrough if hf_keys)]
+        )
+        self.waived = sorted(n for n in coverage.waived_hf + coverage.waived_megatron if n not in kept)
+        return coverage
+
+    def keep_passthrough(self, ckpt_dir: Path) -> None:
+        """Write the passthrough tensors into ``ckpt_dir``'s ``passthrough/``, beside the Megatron weights."""
+        from bridgecore.megatron.checkpoint import PASSTHROUGH
+
+        if not self.passthrough:
+            return
+        source = self.bridge.source
+        writer = ShardedWriter(
+            ckpt_dir / PASSTHROUGH, [(n, source.shape(n), source.dtype(n)) for n in self.passthrough]
+        )
+        writer.create()
+        try:
+            self.copy_passthrough(writer)
+            writer.commit([writer.written()])
+        except BaseException:
+            writer.abort()
+            raise
+
+    def copy_passthrough(self, writer: ShardedWriter) -> None:
+        """Copy the passthrough tensors unchanged into ``writer`` (an HF export or ``passthrough/``)."""
+        reader = self.bridge.passthrough_reader
+        if self.passthrough and reader is None:
+            raise BridgeError(
+                f"{len(self.passthrough)} passthrough tensors (e.g. {self.passthrough[0]}) have no copy to export from"
+            )
+        for name in self.passthrough:
+            writer.write(name, reader.read(name, ()))
+
+    def hf_writer(
+        self, out_dir: Path, entries: Sequence[PlanEntry], max_shard_size: int, temp_dir: Path | None = None
+    ) -> ShardedWriter:
+        """The writer of the HF export ``entries``: the source's files when every tensor has one there
+        (same file names, each with its tensors in source order, and the index), otherwise shards of
+        ``max_shard_size``. With ``temp_dir`` it attaches to the one another rank created."""
+        source = self.bridge.source
+        files = source.files_of([name for name, _, _ in entries]) if source else None
+        if temp_dir is None:
+            return ShardedWriter(out_dir, entries, max_shard_size, files)
+        return ShardedWriter.attach(out_dir, entries, max_shard_size, temp_dir, files)
+
+
+def _literal(name: str) -> str:
+    """A glob matching exactly ``name``, even when it holds glob characters."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
