@@ -197,7 +197,7 @@ def _print_gaps(bridge: AutoBridge, model: list) -> None:
         used.update(hf)
         marked = [n if n in bridge.hf_keys or not bridge.hf_keys else f"{n} (NOT IN CHECKPOINT)" for n in hf]
         gaps += kind in ("AMBIGUOUS", "NO MAPPING") or marked != hf
-        print(f"{name:70s} {kind:16s} {', '.join(marked)}")
+        print(f"{name:70s} {kind:16s} {', '.join(marked)}".rstrip())
     unused = sorted(bridge.hf_keys - used)
     for n in unused:
         print(f"{'(no Megatron param)':70s} {'UNMAPPED HF':16s} {n}")

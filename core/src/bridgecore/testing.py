@@ -17,6 +17,11 @@ plugin loaded (``BRIDGECORE_PLUGINS``), multi-rank layouts under ``torchrun`` on
 - ``verify``: Megatron's logits against the plugin's transformers reference, at ``verify``'s own
   default tolerance.
 
+:func:`check_mapping` unit-tests one mapping in memory (no model, no files): import at every TP
+rank from a :class:`bridgecore.mapping.TensorSource`, then export, must give the tensors back bit for
+bit, each rank reading no more than its shard. The core's property tests run it on every mapping
+type over random shapes; a plugin can do the same for its own tables.
+
 The default is cheap (single rank and verify: two processes, seconds for a tiny model); pass
 ``layouts=ALL_LAYOUTS`` (TP1, TP2, EP2, PP2) for the multi-rank matrix, e.g. in a slow test. EP2
 runs only for models with experts. A failed check raises ``AssertionError`` with the command's
@@ -31,6 +36,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from bridgecore.mapping import Mapping, Shard, TensorSource
 from bridgecore.plugins import PluginInfo, Plugins
 from bridgecore.tiny import TinyModel
 
@@ -141,3 +149,27 @@ def check_tiny_model(
     if verify:
         results["verify"] = check_verify(hf_dir, plugin)
     return results
+
+
+def check_mapping(mapping: Mapping, tensors: dict[str, torch.Tensor], captures: dict[str, int], tp: int) -> list:
+    """Import ``tensors`` through ``mapping`` at each of ``tp`` ranks, export back, compare bit for bit.
+
+    ``captures`` fills the patterns' ``{layer}``/``{expert}``/... fields. Returns the Megatron shards
+    (rank order); raises ``AssertionError`` naming the tensor that did not come back.
+    """
+    source = TensorSource(tensors)
+    shards = []
+    for rank in range(tp):
+        before = source.elements_read
+        shard = mapping.to_megatron(source, captures, Shard(rank, tp))
+        assert source.elements_read - before <= shard.numel(), f"{mapping!r}: import read more than rank {rank}'s shard"
+        shards.append(shard)
+    assert len({tuple(s.shape) for s in shards}) == 1, f"{mapping!r}: ranks got shards of different shapes"
+    pieces = mapping.to_hf(shards, captures)
+    assert {p.name for p in pieces} == set(mapping.hf_names(captures)), f"{mapping!r}: export made other tensors"
+    for piece in pieces:
+        expected = tensors[piece.name] if piece.expert is None else tensors[piece.name][piece.expert]
+        assert piece.tensor.dtype == expected.dtype, f"{piece.name}: dtype {piece.tensor.dtype}, not {expected.dtype}"
+        same = torch.equal(piece.tensor.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
+        assert same, f"{piece.name}: export(import(x)) differs from x"
+    return shards
