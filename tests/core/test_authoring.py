@@ -137,11 +137,19 @@ def installed_qwen3(qwen3_plugin: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "qwen3_dense"
 
 
-def test_scaffold_plugin_for_qwen3_passes_the_conformance_helper(installed_qwen3: str, tmp_path: Path) -> None:
+def test_scaffold_plugin_for_qwen3_passes_its_own_conformance_tests(installed_qwen3: str, qwen3_plugin: Path) -> None:
+    """The scaffold's test file, run as its author runs it (pytest in the plugin's directory, its
+    pyproject's options): roundtrip at TP1 bit-exact and verify, through bridgecore.testing."""
     assert tiny_model_names(installed_qwen3) == ["qwen3_dense-tiny"]
-    results = check_tiny_model(installed_qwen3, "qwen3_dense-tiny", tmp_path)
-    assert list(results) == ["roundtrip tp1", "verify"]
-    assert "bit-exact" in results["roundtrip tp1"] and "max abs diff" in results["verify"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_qwen3_dense.py"],
+        cwd=qwen3_plugin / "src",
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert done.returncode == 0 and "1 passed, 1 deselected" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @pytest.mark.slow
