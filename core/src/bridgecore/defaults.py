@@ -59,7 +59,13 @@ class TransformersModel:
 
 def transformers_class(architecture: str) -> type:
     """transformers' model class named ``architecture``, or an error naming the installed version."""
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise BridgeError(
+            f"architecture {architecture}: the tiny model and verify reference come from transformers,"
+            " which is not installed; pip install transformers"
+        ) from None
 
     cls = getattr(transformers, architecture, None)
     if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
