@@ -56,6 +56,8 @@ COMMON = [
     "psutil",
     "pytest==9.0.3",
     "hypothesis==6.155.2",
+    # tests/core/test_authoring.py builds a scaffolded plugin's wheel without build isolation
+    "hatchling==1.33.0",
 ]
 
 #: plugin -> (local distributions it needs, besides the core, and its test folders)

@@ -15,9 +15,12 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: the rest of the layout matrix (deselected by default)")
+
+
 @pytest.fixture
 def llama_dir(tmp_path: Path) -> Path:
-    from bridgecore_llama_example import write_tiny
+    from bridgecore.testing import write_tiny
 
-    write_tiny(tmp_path / "hf")
-    return tmp_path / "hf"
+    return write_tiny("llama_example", "llama-example", tmp_path / "hf")

@@ -14,7 +14,6 @@ from bridgecore.mapping import (
     Concat,
     FusedQKV,
     GatedMLP,
-    Mapping,
     MappingTable,
     PackedGatedMLP,
     Replicated,
@@ -24,6 +23,7 @@ from bridgecore.mapping import (
     Stacked,
     TensorSource,
 )
+from bridgecore.testing import check_mapping as assert_round_trip
 
 TP_SIZES = st.sampled_from([1, 2, 4])
 DTYPES = st.sampled_from([torch.bfloat16, torch.float32, torch.float16])
@@ -32,25 +32,6 @@ DTYPES = st.sampled_from([torch.bfloat16, torch.float32, torch.float16])
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g).to(dtype)
-
-
-def assert_round_trip(mapping: Mapping, tensors: dict[str, torch.Tensor], captures: dict[str, int], tp: int) -> None:
-    source = TensorSource(tensors)
-    shards = []
-    for rank in range(tp):
-        before = source.elements_read
-        shard = mapping.to_megatron(source, captures, Shard(rank, tp))
-        assert source.elements_read - before <= shard.numel(), "import read more than the rank's shard"
-        shards.append(shard)
-    assert len({tuple(s.shape) for s in shards}) == 1
-    pieces = mapping.to_hf(shards, captures)
-    assert {p.name for p in pieces} == set(mapping.hf_names(captures))
-    for piece in pieces:
-        expected = tensors[piece.name] if piece.expert is None else tensors[piece.name][piece.expert]
-        assert piece.tensor.dtype == expected.dtype
-        assert torch.equal(piece.tensor.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), (
-            piece.name
-        )
 
 
 @settings(max_examples=30, deadline=None)

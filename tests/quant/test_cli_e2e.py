@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from bridgecore.bridge import AutoBridge
-from bridgecore_llama_example import write_tiny as write_llama
+from bridgecore.testing import write_tiny
 from bridgecore_quant.formats import exclude_patterns
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -36,6 +36,12 @@ from test_formats import (
 )
 
 STEP35 = importlib.util.find_spec("bridgecore_step35") is not None
+
+
+def write_llama(out: Path) -> Path:
+    return write_tiny("llama_example", "llama-example", out)
+
+
 PLUGINS = {
     "llama": "llama_example,quant",
     "step35": "step35,quant",

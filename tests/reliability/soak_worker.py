@@ -22,7 +22,7 @@ from bridgecore.compare import compare_checkpoints
 from bridgecore.megatron import parallel
 from bridgecore.megatron.parallel import Layout
 from bridgecore.tiny import random_tensor, write_checkpoint
-from bridgecore_llama_example import TINY_CONFIG, tensor_shapes
+from bridgecore_llama_example import TINY_CONFIG
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -31,6 +31,7 @@ def random_config(rng: random.Random, tp: int) -> dict:
     groups = 2 if tp == 2 else rng.choice([1, 2])
     return dict(
         TINY_CONFIG,
+        architectures=["LlamaForCausalLM"],
         num_hidden_layers=rng.choice([2, 4]),
         num_key_value_heads=groups,
         num_attention_heads=groups * rng.choice([1, 2]),
@@ -41,6 +42,31 @@ def random_config(rng: random.Random, tp: int) -> dict:
         tie_word_embeddings=rng.random() < 0.5,
         dtype=rng.choice(list(DTYPES)),
     )
+
+
+def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama checkpoint with config ``cfg``, in HF order, with its shape."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        }
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
 
 
 def write_random(out: Path, cfg: dict, seed: int) -> None:

@@ -121,11 +121,9 @@ MISSING = object()
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bridgecore_llama_example import write_tiny
+    from bridgecore.testing import write_tiny
 
-    out = tmp_path_factory.mktemp("fuzz") / "hf"
-    write_tiny(out)
-    return out
+    return write_tiny("llama_example", "llama-example", tmp_path_factory.mktemp("fuzz") / "hf")
 
 
 def test_unfuzzed_config_inspects(cli: Cli, checkpoint: Path) -> None:
@@ -151,9 +149,7 @@ def test_unfuzzed_config_inspects(cli: Cli, checkpoint: Path) -> None:
 def test_fuzzed_config_is_inspected_or_refused_in_one_line(
     cli: Cli, checkpoint: Path, tmp_path: Path, changes: dict, width: tuple[str, int] | None
 ) -> None:
-    from bridgecore_llama_example import TINY_CONFIG
-
-    config = dict(TINY_CONFIG)
+    config = json.loads((checkpoint / "config.json").read_text())
     for key, value in changes.items():
         if value is MISSING:
             config.pop(key, None)

@@ -148,7 +148,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for info in plugins.infos.values():
         print(f"{info.name}  ({info.distribution} {info.version})")
         print(f"  architectures: {', '.join(info.architectures) or '-'}")
-        print(f"  hooks:         {', '.join(info.hooks)}")
+        print(f"  hooks:         {', '.join(info.hooks + [f'{h} (core default)' for h in info.defaults])}")
     for name, error in plugins.broken.items():
         print(f"{name}  BROKEN: {error}")
     for arch, owners in plugins.conflicts().items():
@@ -182,7 +182,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for f in fields:
         print(f"  {f:40s} {getattr(c, f, None)}")
     model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True, allow_unmapped=args.allow_unmapped)
-    bound = bridge.bind(model, bridge.hf_keys)
+    try:
+        bound = bridge.bind(model, bridge.hf_keys)
+    except BridgeError:
+        _print_gaps(bridge, model)
+        raise
     _report_waived(bridge)
     print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors")
     for t, b in bound:
@@ -194,6 +198,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         + (f"; {kept} kept verbatim (passthrough)" if kept else "")
     )
     return 0
+
+
+def _print_gaps(bridge: AutoBridge, model: list) -> None:
+    """The mapping table as far as it goes, every gap marked: what a plugin author fills in next."""
+    from bridgecore.megatron.params import local_tensors
+
+    table = bridge.mapping_table()
+    names = [t.name for t in local_tensors(model, bridge.config) if not bridge.embedding_copy(t)]
+    print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors  (incomplete: gaps marked)")
+    used, gaps = set(), 0
+    for name in names:
+        try:
+            b = table.find(name)
+        except BridgeError:
+            kind, hf = "AMBIGUOUS", ["(several mappings match)"]
+        else:
+            kind, hf = (type(b.mapping).__name__, b.hf) if b else ("NO MAPPING", [])
+        used.update(hf)
+        marked = [n if n in bridge.hf_keys or not bridge.hf_keys else f"{n} (NOT IN CHECKPOINT)" for n in hf]
+        gaps += kind in ("AMBIGUOUS", "NO MAPPING") or marked != hf
+        print(f"{name:70s} {kind:16s} {', '.join(marked)}".rstrip())
+    unused = sorted(bridge.hf_keys - used)
+    for n in unused:
+        print(f"{'(no Megatron param)':70s} {'UNMAPPED HF':16s} {n}")
+    print(f"\ngaps: {gaps} Megatron params, {len(unused)} HF tensors")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -373,6 +402,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out) if args.out else None, args.only, overwrite=args.overwrite)
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from bridgecore.scaffold import write_plugin
+
+    out = args.out or Path(f"bridgecore-{args.name.replace('_', '-')}")
+    for path in write_plugin(args.name, args.architecture, out):
+        print(f"wrote {path}")
+    print(f"next: pip install -e {out}; bridgecore inspect on its tiny model; adapt provider_config and mappings")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bridgecore",
@@ -491,6 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME", help="run only these tiny models (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="with --out, replace DIR/<model>/ from an earlier run")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser(
+        "new-plugin",
+        help="write a working plugin distribution for a transformers architecture, to adapt",
+        description="pyproject with the entry point, the hooks module, tests using bridgecore.testing,"
+        " README, CHANGELOG and noxfile; the tiny model and verify reference come from transformers' class.",
+    )
+    p.add_argument("name", help="plugin name (entry point; the distribution is bridgecore-NAME)")
+    p.add_argument("--architecture", required=True, help="transformers model class, e.g. Qwen3ForCausalLM")
+    p.add_argument("--out", type=Path, help="target directory (default ./bridgecore-NAME)")
+    p.set_defaults(fn=cmd_new_plugin)
     for command in sub.choices.values():
         command.add_argument(
             "--traceback", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of any error"

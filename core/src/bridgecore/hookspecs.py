@@ -2,8 +2,8 @@
 
 A plugin is a distribution with an entry point in the group ``bridgecore``, pointing at a module
 (or object) whose functions are decorated with :data:`hookimpl`. Every hook takes keyword
-arguments; an implementation may accept any subset of them. A model plugin answers only for
-checkpoints it claims and returns ``None`` otherwise, so several plugins can be installed at once.
+arguments; an implementation may accept any subset of them. ``docs/plugins.md`` is the author's
+guide (what to set, how to test); this module is the reference.
 
 Call order for one conversion::
 
@@ -13,9 +13,15 @@ Call order for one conversion::
     mappings(config, hf_keys)              every HF tensor <-> Megatron param relation
     quant_mappings(config, mappings)       amax / scale relations derived from those
 
-Only the plugin that owns the checkpoint is asked the ``firstresult`` hooks; ``quant_mappings``
-asks every plugin and joins the lists, so a generic plugin (``bridgecore-quant``) can add to any
-family.
+Ownership, the one rule: the checkpoint's ``architectures[0]`` picks the one plugin that claims it
+(``architectures`` and ``transformers_models``), and the hooks marked *owner only* below are asked of
+that plugin alone. They need no "is this mine?" check. The other hooks (``architectures``,
+``transformers_models``, ``tiny_models``, ``quant_mappings``, ``prepare_model``, ``export_formats``)
+are asked of every plugin, which is how a generic plugin (``bridgecore-quant``) adds to any family.
+
+Less to write: a plugin that names transformers' model class of its architecture
+(``transformers_models``) gets the core's ``hf_reference`` and ``tiny_models``; see
+:mod:`bridgecore.defaults`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from bridgecore.defaults import TransformersModel
     from bridgecore.mapping import Mapping, MappingTable, Source
     from bridgecore.megatron.config import ModelConfig
     from bridgecore.tiny import TinyModel
@@ -41,6 +48,21 @@ def architectures() -> list[str]:
     Called once per plugin when the manager loads. Two plugins claiming the same architecture is an
     error naming both distributions, unless the user picks one with ``--plugin``. A checkpoint whose
     architecture no plugin claims fails with the list of installed plugins and what they claim.
+    Architectures named by ``transformers_models`` are claimed too; a plugin with that hook may
+    leave this one out.
+    """
+
+
+@hookspec
+def transformers_models() -> list[TransformersModel]:
+    """transformers' model class of each architecture, as :class:`bridgecore.defaults.TransformersModel`.
+
+    Naming the class (``TransformersModel("LlamaForCausalLM", tiny_config={...})``) claims the
+    architecture and makes the core answer the hooks this plugin does not implement:
+    ``hf_reference`` becomes transformers' ``from_pretrained`` on the checkpoint (fp32, safetensors
+    and local files only, never remote code) and ``tiny_models`` writes a random checkpoint with the
+    class's own ``save_pretrained`` from ``tiny_config``. Implement either hook yourself when the
+    released layout differs from what transformers writes. Called once per plugin at load.
     """
 
 
@@ -48,12 +70,16 @@ def architectures() -> list[str]:
 def provider_config(hf_config: dict[str, Any]) -> ModelConfig | None:
     """Translate a parsed ``config.json`` into the Megatron-Core config.
 
-    ``hf_config`` is the plain JSON dict: remote code is never imported. Return an instance of
-    :class:`bridgecore.megatron.config.ModelConfig` (a ``TransformerConfig`` with the model-level
-    fields: vocab size, sequence length, rotary settings, tied embeddings, MTP depth) or a
-    subclass carrying per-layer fields. Reject values the model cannot take with
-    :class:`bridgecore.errors.BridgeError` naming the config key. ``firstresult``: the first
-    non-None answer wins, so return None for checkpoints that are not yours.
+    *Owner only.* ``hf_config`` is the plain JSON dict: remote code is never imported. Return an
+    instance of :class:`bridgecore.megatron.config.ModelConfig`: a megatron-core
+    ``TransformerConfig`` (``num_layers``, ``hidden_size``, ``num_attention_heads``,
+    ``num_query_groups``, ``kv_channels``, ``ffn_hidden_size``, norms, activation, MoE and MTP
+    settings) plus the model-level fields ``vocab_size``, ``max_sequence_length``, ``rotary_base``,
+    ``rotary_percent``, ``share_embeddings_and_output_weights``; or a subclass carrying per-layer
+    fields. ``params_dtype`` (with ``bf16``/``fp16``) is the checkpoint's dtype. The core sets
+    ``hf_config`` itself. Reject values the model cannot take with
+    :class:`bridgecore.errors.BridgeError` naming the config key. Returning None declines the
+    checkpoint (an error naming the plugin).
     """
 
 
@@ -65,7 +91,10 @@ def layer_spec(config: ModelConfig, vp_stage: int | None) -> Any:
     current PP rank and virtual stage ``vp_stage``, as megatron-core's own
     ``get_gpt_decoder_block_spec`` does, or a :class:`bridgecore.megatron.specs.ModelSpec` that also
     names the MTP block spec. Build on megatron-core specs; never patch megatron-core.
-    ``bridgecore.megatron.specs`` has helpers for the CPU-capable local specs. ``firstresult``.
+    *Owner only.* ``bridgecore.megatron.specs.gpt_block_spec(config, vp_stage)`` is megatron-core's
+    local GPT block spec (dense or MoE per layer from ``moe_layer_freq``, q/k norms from
+    ``qk_layernorm``), CPU-ready; ``gpt_mtp_spec`` adds the MTP block. Write your own spec only
+    for modules megatron-core's GPT layer does not have (another attention or norm kind).
     """
 
 
@@ -73,11 +102,15 @@ def layer_spec(config: ModelConfig, vp_stage: int | None) -> Any:
 def mappings(config: ModelConfig, hf_keys: frozenset[str]) -> list[Mapping] | None:
     """Every relation between HF tensors and Megatron params, as :mod:`bridgecore.mapping` objects.
 
-    Names on the Megatron side are *global*: layer and expert indices as if there were no pipeline
-    or expert parallelism; the core translates each rank's local names. ``hf_keys`` are the tensor
-    names in the checkpoint (empty on export without a source checkpoint); use them to detect layout
-    variants (packed vs per-expert experts, a ``model.language_model.`` prefix) instead of guessing.
-    Coverage is strict: every HF key and every Megatron param must be covered. ``firstresult``.
+    *Owner only.* Names on the Megatron side are *global*: layer and expert indices as if there
+    were no pipeline or expert parallelism; the core translates each rank's local names.
+    ``{expert}`` on both sides relates per-expert HF tensors one to one; ``Stacked(inner, E)``
+    relates one ``[E, ...]`` HF tensor to the per-expert params; expert params split over expert TP
+    (``--etp``), the others over TP. ``layers=`` restricts a mapping to some ``{layer}`` values.
+    ``hf_keys`` are the tensor names in the checkpoint (empty on export without a source
+    checkpoint); use them to detect layout variants (packed vs per-expert experts, a
+    ``model.language_model.`` prefix) instead of guessing. Coverage is strict: every HF key and
+    every Megatron param must be covered; ``bridgecore inspect`` prints the table with the gaps.
     """
 
 
@@ -87,7 +120,7 @@ def passthrough(config: ModelConfig, hf_keys: frozenset[str]) -> list[str] | Non
 
     For parts of a checkpoint the Megatron model does not hold (a vision tower beside the language
     model this plugin converts). They are left out of strict coverage, kept beside a Megatron
-    checkpoint (``passthrough/``) and copied unchanged into every HF export. ``firstresult``.
+    checkpoint (``passthrough/``) and copied unchanged into every HF export. *Owner only.*
     """
 
 
@@ -107,8 +140,11 @@ def quant_mappings(config: ModelConfig, mappings: list[Mapping], hf_keys: frozen
 def tiny_models() -> list[TinyModel]:
     """Tiny checkpoints that keep every structural feature of the family.
 
-    Each :class:`bridgecore.tiny.TinyModel` writes a random checkpoint in the released on-disk layout;
-    ``bridgecore demo`` and the tests use them.
+    Each :class:`bridgecore.tiny.TinyModel` (``name``, ``description``, ``write(out_dir)``) writes a
+    random checkpoint in the released on-disk layout; ``bridgecore demo``, ``bridgecore.testing``
+    and the tests use them. :func:`bridgecore.tiny.write_checkpoint` writes given tensors as HF does
+    (sharded safetensors, index, config.json); :func:`bridgecore.tiny.random_tensor` draws seeded
+    values. Asked of every plugin. The core provides it from ``transformers_models``.
     """
 
 
@@ -116,8 +152,11 @@ def tiny_models() -> list[TinyModel]:
 def hf_reference(hf_config: dict[str, Any]) -> Any:
     """A reference forward for ``bridgecore verify``: ``fn(hf_dir, input_ids) -> logits`` or None.
 
-    Use transformers' own model class where transformers has one (built from the plain config, never
-    with remote code). ``firstresult``.
+    *Owner only.* Use transformers' own model class where transformers has one, never with remote
+    code. ``from_pretrained`` on ``hf_dir`` is allowed and is what the core's default does (it also
+    applies transformers' load-time conversions, such as MoE experts fused on load, which building
+    the model and calling ``load_state_dict`` does not); a released layout transformers cannot load
+    needs its own renaming. The core provides it from ``transformers_models``.
     """
 
 

@@ -37,6 +37,8 @@ class PluginInfo:
     architectures: list[str] = field(default_factory=list)
 
     hooks: list[str] = field(default_factory=list)
+    #: hooks the core answers for this plugin (see :mod:`bridgecore.defaults`).
+    defaults: list[str] = field(default_factory=list)
 
 
 class Plugins:
@@ -78,7 +80,21 @@ class Plugins:
         info = PluginInfo(name, distribution or name, version, module, hooks=hooks)
         if "architectures" in hooks:
             info.architectures = list(self.call_owned("architectures", info) or [])
+        if "transformers_models" in hooks:
+            self._register_defaults(info)
         self.infos[name] = info
+
+    def _register_defaults(self, info: PluginInfo) -> None:
+        """The core's ``hf_reference`` / ``tiny_models`` for a plugin that names transformers classes
+        and does not implement them itself (see :mod:`bridgecore.defaults`); its architectures are claimed."""
+        from bridgecore.defaults import default_hooks
+
+        models = list(self.call_owned("transformers_models", info) or [])
+        info.architectures += [m.architecture for m in models if m.architecture not in info.architectures]
+        defaults = default_hooks(models, set(info.hooks))
+        if defaults is not None:
+            self.pm.register(defaults, name=_defaults_name(info.name))
+            info.defaults = sorted(h.name for h in self.pm.get_hookcallers(defaults) or [])
 
     def owners(self, architecture: str) -> list[PluginInfo]:
         return [info for info in self.infos.values() if architecture in info.architectures]
@@ -114,7 +130,11 @@ class Plugins:
 
     def call_owned(self, hook: str, owner: PluginInfo, **kwargs: Any) -> Any:
         """Call a firstresult hook on the owning plugin alone, through pluggy's registered impl."""
-        impls = [i for i in getattr(self.pm.hook, hook).get_hookimpls() if i.plugin_name == owner.name]
+        impls = [
+            i
+            for i in getattr(self.pm.hook, hook).get_hookimpls()
+            if i.plugin_name in (owner.name, _defaults_name(owner.name))
+        ]
         if not impls:
             raise BridgeError(f"plugin {owner.name} does not implement the {hook} hook")
         impl = impls[0]
@@ -122,6 +142,11 @@ class Plugins:
 
     def call_all(self, hook: str, **kwargs: Any) -> list[Any]:
         return getattr(self.pm.hook, hook)(**kwargs)
+
+
+def _defaults_name(plugin: str) -> str:
+    """The pluggy name of the core's default hooks for ``plugin``."""
+    return f"{plugin}:defaults"
 
 
 @cache
