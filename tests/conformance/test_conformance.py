@@ -28,10 +28,6 @@ BY_NAME = {v.name: v for v in VARIANTS}
 NAMES = list(BY_NAME)
 #: configs that declare an MTP layer whose tensors transformers' save_pretrained left out.
 MTP_ABSENT = [n for n in NAMES if "+mtp" not in n]
-#: offline import of a Qwen3.5 VL checkpoint drops the vision tower the in-memory import keeps.
-OFFLINE_VL = pytest.mark.xfail(
-    strict=True, reason="issue 14 item 2: offline import does not keep a Qwen3.5 VL checkpoint's passthrough"
-)
 
 
 def _exact(source: Path, out: Path) -> None:
@@ -84,9 +80,7 @@ def test_mtp_is_left_out_only_when_absent(one_rank: Path, name: str) -> None:
     assert all("converting without MTP" in n for n in notes)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=OFFLINE_VL) if BY_NAME[n].vl and n.startswith("qwen") else n for n in NAMES]
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_offline_paths_match_the_in_memory_ones(one_rank: Path, checkpoints: dict[str, Path], name: str) -> None:
     out = one_rank / name / "offline"
     for export in ("hf-offline", "hf-offline-of-memory", "hf-memory-of-offline"):
