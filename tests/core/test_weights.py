@@ -51,24 +51,24 @@ def test_buckets_split_back_exactly_and_respect_the_cap(cap: int) -> None:
         assert -(-this.nbytes // ALIGN) * ALIGN + first.nbytes > cap
 
 
-def test_reused_buffer_holds_each_bucket_until_the_next() -> None:
+def test_callers_buffer_holds_each_bucket_until_the_next() -> None:
     pairs = _pairs()
-    seen, storages = [], []
-    for bucket in buckets(iter(pairs), 1000, reuse=True):
-        storage = bucket.buffer.untyped_storage()
-        storages.append((storage.data_ptr(), storage.nbytes(), bucket.nbytes))
+    buffer = torch.zeros(1000, dtype=torch.uint8)
+    seen, inside = [], []
+    for bucket in buckets(iter(pairs), 1000, buffer=buffer):
+        inside.append(bucket.buffer.data_ptr() == buffer.data_ptr())
         seen += [(name, tensor.clone()) for name, tensor in bucket.tensors()]
-    # a new buffer only where a tensor larger than every buffer so far needs one
-    for (ptr, size, _), (next_ptr, _, needed) in zip(storages, storages[1:], strict=False):
-        assert next_ptr == ptr or needed > size
-    assert len({ptr for ptr, _, _ in storages}) < len(storages)
+    # every bucket in the caller's buffer but the two lone tensors larger than it
+    assert inside == [True, False, True, False, True]
     for (name, got), (_, want) in zip(seen, pairs, strict=True):
         assert torch.equal(got, want), name
 
 
-def test_bucket_size_must_be_positive() -> None:
+def test_bucket_size_and_buffer_are_checked() -> None:
     with pytest.raises(ValueError, match="bucket_size"):
         list(buckets(iter(_pairs()), 0))
+    with pytest.raises(ValueError, match="buffer must be"):
+        list(buckets(iter(_pairs()), 1000, buffer=torch.zeros(999, dtype=torch.uint8)))
 
 
 def test_export_hf_weights_bucketed_equals_unbucketed(llama_dir: Path) -> None:

@@ -511,20 +511,21 @@ class AutoBridge:
         *,
         bucket_size: int | str | None = None,
         device: torch.device | str | None = None,
-        reuse: bool = False,
+        buffer: torch.Tensor | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]] | Iterator[WeightBucket]:
         """HF (name, tensor) pairs, on every rank, gathered over TP and EP; stacked experts whole.
 
         With ``bucket_size`` (bytes, or a string such as ``"2GB"``) it yields
         :class:`bridgecore.weights.WeightBucket` s instead: the same tensors in the same order, packed
         into one flat buffer per bucket of at most that size (:func:`bridgecore.weights.buckets`;
-        ``reuse`` packs every bucket into one buffer). ``device`` is where the yielded tensors or
-        buffers live: ``"cpu"`` stages them in host memory; by default they stay on the model's device.
+        a ``buffer`` kept by the caller is packed with every bucket instead of new memory). ``device``
+        is where the yielded tensors or new buffers live: ``"cpu"`` stages them in host memory; by
+        default they stay on the model's device.
         For big models prefer :meth:`save_hf_pretrained`, which never gathers beyond TP.
         """
         pairs = self._hf_weight_pairs(model)
         if bucket_size is not None:
-            return buckets(pairs, parse_size(bucket_size), device, reuse)
+            return buckets(pairs, parse_size(bucket_size), device, buffer)
         if device is not None:
             return ((name, tensor.to(device)) for name, tensor in pairs)
         return pairs

@@ -58,39 +58,40 @@ def buckets(
     pairs: Iterable[tuple[str, torch.Tensor]],
     bucket_size: int,
     device: torch.device | str | None = None,
-    reuse: bool = False,
+    buffer: torch.Tensor | None = None,
 ) -> Iterator[WeightBucket]:
     """Pack ``pairs`` in order into buckets of at most ``bucket_size`` bytes each.
 
     A tensor larger than ``bucket_size`` travels alone in a bucket of its own size. ``device`` is
-    where the buffers live (``"cpu"`` to stage them in host memory); by default the device of each
-    bucket's first tensor. With ``reuse=True`` every bucket is packed into the same buffer (grown when
-    a tensor needs more), so a bucket must be consumed, sent or copied, before the next is asked for;
-    it saves allocating, and first-touching, a new buffer per bucket.
+    where new buffers live (``"cpu"`` to stage them in host memory); by default the device of each
+    bucket's first tensor. ``buffer``, a 1-D ``uint8`` tensor of at least ``bucket_size`` bytes, is
+    packed with every bucket instead (on its own device): keep one across steps and each bucket must
+    be consumed (sent, copied) before the next is asked for, but no step pays for new memory, whose
+    first touch costs several times the copy into it (a fresh bucket costs more than the copy).
     """
     if bucket_size <= 0:
         raise ValueError(f"bucket_size must be positive, got {bucket_size}")
+    if buffer is not None and (buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < bucket_size):
+        raise ValueError(
+            f"buffer must be a 1-D uint8 tensor of at least bucket_size ({bucket_size}) bytes,"
+            f" got {buffer.dtype} {tuple(buffer.shape)}"
+        )
     pending: list[tuple[str, torch.Tensor]] = []
     used = 0
-    kept: torch.Tensor | None = None
 
     def pack() -> WeightBucket:
-        nonlocal kept
-        where = torch.device(device) if device is not None else pending[0][1].device
-        size = max(bucket_size, used)
-        if reuse and kept is not None and kept.device == where and kept.numel() >= size:
-            buffer = kept
+        if buffer is not None and used <= buffer.numel():
+            target = buffer
         else:
-            buffer = torch.empty(size, dtype=torch.uint8, device=where)
-            kept = buffer if reuse else None
+            where = torch.device(device) if device is not None else pending[0][1].device
+            target = torch.empty(used, dtype=torch.uint8, device=where)
         entries, offset = [], 0
         for name, tensor in pending:
             nbytes = tensor.numel() * tensor.element_size()
-            target = buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
-            target.copy_(tensor)
+            target[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
             entries.append(Entry(name, tensor.dtype, tuple(tensor.shape), offset, nbytes))
             offset = _aligned(offset + nbytes)
-        return WeightBucket(buffer[:used], entries)
+        return WeightBucket(target[:used], entries)
 
     for name, tensor in pairs:
         nbytes = tensor.numel() * tensor.element_size()
