@@ -181,7 +181,9 @@ def largest_tensor_gb(cfg: dict) -> float:
     return 2 * max(cfg["vocab_size"] * cfg["hidden_size"], cfg["intermediate_size"] * cfg["hidden_size"]) / 1e9
 
 
-def bench_size(size_gb: float, work: Path, layout: list[str], threads: int, pairs: int) -> tuple[list[Run], dict]:
+def bench_size(
+    size_gb: float, work: Path, layout: list[str], threads: int, pairs: int, only: list[str]
+) -> tuple[list[Run], dict]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = llama_config(size_gb)
     hf = work / f"hf-{size_gb:g}gb"
@@ -223,6 +225,8 @@ def bench_size(size_gb: float, work: Path, layout: list[str], threads: int, pair
     skipped = [] if fits else [w for w in commands if w.startswith(whole_model)]
     limit_what = next(iter(commands))
     limit_command = commands.pop(limit_what)
+    if only:
+        commands = {what: c for what, c in commands.items() if any(o in what for o in only)}
     runs, limits = [], []
     for what, command in commands.items():
         if what in skipped:
@@ -266,8 +270,8 @@ def bench_size(size_gb: float, work: Path, layout: list[str], threads: int, pair
     )
     from bridgecore.compare import compare_checkpoints
 
-    exported = [out / "hf-offline"] + ([] if skipped else [out / "hf-export"])
-    exact = all(compare_checkpoints(hf, e).exact for e in exported)
+    exported = [outputs[what] for what in commands if what not in skipped and "export" in what]
+    exact = all(compare_checkpoints(hf, e).exact for e in exported) if exported else None
     shutil.rmtree(out)
     info = {
         "size_gb": size_gb,
@@ -330,11 +334,18 @@ def main() -> int:
     parser.add_argument("--layout", nargs="*", default=["--tp", "2", "--pp", "2"], help="offline import layout flags")
     parser.add_argument("--threads", type=int, default=2, help="offline import writer threads")
     parser.add_argument("--pairs", type=int, default=3, help="counted (limit, command) pairs after a warm-up pair")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the rows whose name contains TEXT (repeatable; an export row needs its import row)",
+    )
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
     all_runs, infos, lines = [], [], []
     for size in args.sizes:
-        runs, info = bench_size(size, args.work, args.layout, args.threads, args.pairs)
+        runs, info = bench_size(size, args.work, args.layout, args.threads, args.pairs, args.only)
         all_runs += runs
         infos.append(info)
         lines += [f"[{size:g} GB] {line}" for line in verdicts(runs, info)]
