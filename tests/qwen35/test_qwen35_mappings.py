@@ -25,7 +25,7 @@ def dense(checkpoints: dict[str, Path]):
     hf = read_config(checkpoints["dense"])
     config = plugin.provider_config(hf_config=hf)
     tensors = read_tensors(checkpoints["dense"])
-    return config, MappingTable(plugin.mappings(config=config, hf_keys=frozenset(tensors))), tensors
+    return config, MappingTable(plugin.mapping_list(config=config, hf_keys=frozenset(tensors))), tensors
 
 
 def _binding(table: MappingTable, name: str):
@@ -100,7 +100,7 @@ def test_mapping_level_roundtrip(checkpoints: dict[str, Path], built: dict, vari
     """Every param split over `tp` ranks and gathered back gives every HF tensor, bit for bit."""
     config, names = built[variant]
     tensors = read_tensors(checkpoints[variant])
-    table = MappingTable(plugin.mappings(config=config, hf_keys=frozenset(tensors)))
+    table = MappingTable(plugin.mapping_list(config=config, hf_keys=frozenset(tensors)))
     coverage = table.cover(names, tensors, allow_unmapped=[VISION_TENSORS])
     source, out = TensorSource(tensors), {}
     for b in coverage.bindings:
@@ -146,7 +146,7 @@ def test_gdn_params_kept_fp32(built: dict, checkpoints: dict[str, Path]) -> None
 def test_vision_tower_must_be_waived(checkpoints: dict[str, Path], built: dict) -> None:
     config, names = built["moe-vl"]
     keys = read_tensors(checkpoints["moe-vl"]).keys()
-    table = MappingTable(plugin.mappings(config=config, hf_keys=frozenset(keys)))
+    table = MappingTable(plugin.mapping_list(config=config, hf_keys=frozenset(keys)))
     with pytest.raises(BridgeError, match=r"model\.visual\."):
         table.cover(names, keys)
     assert all(k.startswith("model.visual.") for k in table.cover(names, keys, [VISION_TENSORS]).waived_hf)

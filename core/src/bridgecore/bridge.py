@@ -33,6 +33,7 @@ from bridgecore.megatron.config import ModelConfig
 from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.plugins import PluginInfo, Plugins, installed
 from bridgecore.progress import track
+from bridgecore.weights import WeightBucket, buckets
 
 Model = list[torch.nn.Module]
 
@@ -504,11 +505,32 @@ class AutoBridge:
         order += sorted(set(merged) - set(order))
         return [(name, *merged[name]) for name in order]
 
-    def export_hf_weights(self, model: Model) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF (name, tensor) pairs, on every rank, gathered over TP/EP/PP; stacked experts whole.
+    def export_hf_weights(
+        self,
+        model: Model,
+        *,
+        bucket_size: int | str | None = None,
+        device: torch.device | str | None = None,
+        buffer: torch.Tensor | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]] | Iterator[WeightBucket]:
+        """HF (name, tensor) pairs, on every rank, gathered over TP and EP; stacked experts whole.
 
+        With ``bucket_size`` (bytes, or a string such as ``"2GB"``) it yields
+        :class:`bridgecore.weights.WeightBucket` s instead: the same tensors in the same order, packed
+        into one flat buffer per bucket of at most that size (:func:`bridgecore.weights.buckets`;
+        a ``buffer`` kept by the caller is packed with every bucket instead of new memory). ``device``
+        is where the yielded tensors or new buffers live: ``"cpu"`` stages them in host memory; by
+        default they stay on the model's device.
         For big models prefer :meth:`save_hf_pretrained`, which never gathers beyond TP.
         """
+        pairs = self._hf_weight_pairs(model)
+        if bucket_size is not None:
+            return buckets(pairs, parse_size(bucket_size), device, buffer)
+        if device is not None:
+            return ((name, tensor.to(device)) for name, tensor in pairs)
+        return pairs
+
+    def _hf_weight_pairs(self, model: Model) -> Iterator[tuple[str, torch.Tensor]]:
         bound = parallel.collective(self.bind, model, None)
         pending: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}

@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from bridgecore import __version__
 from bridgecore.errors import BridgeError
 
@@ -26,7 +24,8 @@ if TYPE_CHECKING:
     from bridgecore.bridge import AutoBridge
     from bridgecore.plugins import PluginInfo
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: --params-dtype choices, torch dtype names (torch is imported only by the commands that convert).
+DTYPES = ("bfloat16", "float16", "float32")
 
 EPILOG = """examples:
   bridgecore demo                                   convert every installed family's tiny model
@@ -110,10 +109,12 @@ def _hf_input(path: Path) -> Path:
 
 
 def _bridge(args: argparse.Namespace):
+    import torch
+
     from bridgecore.bridge import AutoBridge
 
     _hf_input(args.hf_dir)
-    dtype = DTYPES[args.params_dtype] if getattr(args, "params_dtype", None) else None
+    dtype = getattr(torch, args.params_dtype) if getattr(args, "params_dtype", None) else None
     return _say_notes(AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype))
 
 
@@ -339,6 +340,8 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    import torch
+
     from bridgecore.bridge import AutoBridge
     from bridgecore.compare import LogitsParity
     from bridgecore.megatron import parallel
@@ -586,10 +589,14 @@ def _who() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        status = args.fn(args)
-        from bridgecore.megatron import parallel
+        if args.command != "plugins":  # every other command converts or builds a model
+            from bridgecore.megatron.compat import import_megatron_core
 
-        parallel.leave()
+            import_megatron_core()
+        status = args.fn(args)
+        parallel = sys.modules.get("bridgecore.megatron.parallel")
+        if parallel is not None:  # imported by whatever set up a process group
+            parallel.leave()
         return status
     except BridgeError as exc:
         if args.traceback:

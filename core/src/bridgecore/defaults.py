@@ -21,13 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from bridgecore.errors import BridgeError
 from bridgecore.hookspecs import hookimpl
-from bridgecore.tiny import TinyModel, random_tensor
+
+if TYPE_CHECKING:  # imported where used, so that listing plugins imports no torch
+    import torch
+
+    from bridgecore.tiny import TinyModel
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class TransformersModel:
     shards: int = 2
 
     def tiny_model(self) -> TinyModel:
+        from bridgecore.tiny import TinyModel
+
         config = {**(self.tiny_config or {}), "architectures": [self.architecture]}
         description = self.description or f"{self.architecture} made by transformers' own class"
         return TinyModel(
@@ -97,6 +101,10 @@ def write_transformers_checkpoint(out: Path, config: dict[str, Any], seed: int =
     mapping that swaps two tensors of equal shape changes the result. It is saved in ``config``'s
     ``dtype`` (default bfloat16) by ``save_pretrained`` in about ``shards`` safetensors files.
     """
+    import torch
+
+    from bridgecore.tiny import random_tensor
+
     architecture = (config.get("architectures") or [None])[0]
     if not architecture:
         raise BridgeError("tiny config: 'architectures' names no transformers model class")
@@ -126,6 +134,8 @@ def reference_logits(hf_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
     (``trust_remote_code=False`` on a concrete class: ``auto_map`` is never followed). Loading
     through it also applies transformers' own weight conversions (e.g. experts fused on load).
     """
+    import torch
+
     architecture = (json.loads((Path(hf_dir) / "config.json").read_text()).get("architectures") or [None])[0]
     cls = transformers_class(str(architecture))
     with _quiet_transformers():

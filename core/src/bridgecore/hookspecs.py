@@ -22,6 +22,11 @@ are asked of every plugin, which is how a generic plugin (``bridgecore-quant``) 
 Less to write: a plugin that names transformers' model class of its architecture
 (``transformers_models``) gets the core's ``hf_reference`` and ``tiny_models``; see
 :mod:`bridgecore.defaults`.
+
+Keep the module light: ``bridgecore plugins`` and ``--help`` import every plugin's module to list
+its architectures and hooks, and stay free of torch and megatron-core only if the hooks import those
+inside their bodies. A submodule named like a hook (``mappings.py``) replaces the package attribute
+of that name once imported; name such a hook's function otherwise, with ``@hookimpl(specname=...)``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Captures are matched by name, never by position, so a pattern with fewer capture
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -29,15 +30,7 @@ class Pattern:
 
     @property
     def regex(self) -> re.Pattern[str]:
-        out, pos = [], 0
-        for m in _FIELD.finditer(self.text):
-            if m.group(2):
-                raise ValueError(f"pattern {self.text!r}: offsets belong on the HF side only")
-            out.append(re.escape(self.text[pos : m.start()]))
-            out.append(f"(?P<{m.group(1)}>\\d+)")
-            pos = m.end()
-        out.append(re.escape(self.text[pos:]))
-        return re.compile("".join(out) + r"\Z")
+        return _regex(self.text)
 
     @property
     def bucket(self) -> str:
@@ -68,6 +61,21 @@ class Pattern:
             return str(captures[name] + (int(offset) if offset else 0))
 
         return _FIELD.sub(field, self.text)
+
+
+@functools.cache
+def _regex(text: str) -> re.Pattern[str]:
+    """The compiled regex of a pattern's text: built once, since binding a full-size model matches
+    every param name against its candidate patterns (re.compile's own cache holds only 512)."""
+    out, pos = [], 0
+    for m in _FIELD.finditer(text):
+        if m.group(2):
+            raise ValueError(f"pattern {text!r}: offsets belong on the HF side only")
+        out.append(re.escape(text[pos : m.start()]))
+        out.append(f"(?P<{m.group(1)}>\\d+)")
+        pos = m.end()
+    out.append(re.escape(text[pos:]))
+    return re.compile("".join(out) + r"\Z")
 
 
 def bucket(name: str) -> str:

@@ -13,7 +13,10 @@ absent. Nothing is patched outside the ``with`` block, and nothing at all when C
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 from unittest import mock
 
 import torch
@@ -42,3 +45,46 @@ def cpu_compat(device: str = "cpu") -> Iterator[None]:
         if device == "meta":
             stack.enter_context(torch.device("meta"))
         yield
+
+
+@contextlib.contextmanager
+def deferred_compile() -> Iterator[None]:
+    """Scope in which ``torch.compile(fn, **options)`` returns a stand-in that compiles ``fn`` with the
+    same options on its first call.
+
+    torch compiles on the first call anyway; what the stand-in defers is the import of dynamo and
+    inductor that ``torch.compile`` does when it wraps a function, which megatron-core does to its
+    fusions at import (through ``megatron.core.jit.jit_fuser``) and which a conversion never calls.
+    """
+    real = torch.compile
+
+    def compile_later(model: Callable[..., Any] | None = None, **options: Any) -> Any:
+        if model is None:  # used as @torch.compile(**options)
+            return functools.partial(compile_later, **options)
+        compiled: Callable[..., Any] | None = None
+
+        @functools.wraps(model)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    with mock.patch.object(torch, "compile", compile_later):
+        yield
+
+
+def import_megatron_core() -> None:
+    """Import megatron-core with its fusions' compilation deferred to their first call
+    (:func:`deferred_compile`), unless something imported it already.
+
+    For the ``bridgecore`` command, which owns its process: megatron-core's ``jit_fuser`` keeps the
+    stand-in for the fusions its modules define later too. Library users import megatron-core
+    themselves and keep its behaviour unchanged.
+    """
+    if "megatron.core" in sys.modules:
+        return
+    with deferred_compile():
+        import megatron.core  # noqa: F401

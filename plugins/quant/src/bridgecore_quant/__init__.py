@@ -7,28 +7,39 @@ formats run only when the user asks for them with ``--quant``.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from bridgecore.hookspecs import hookimpl
-from bridgecore.mapping import Mapping, MappingTable, Source
-from bridgecore_quant.amax import Amax, amax_mappings
-from bridgecore_quant.formats import export_fp8, export_nvfp4
-from bridgecore_quant.state import (
-    QuantizerState,
-    attach_quantizers,
-    fused_notes,
-    global_namer,
-    has_amax,
-)
 
 if TYPE_CHECKING:
+    from bridgecore.mapping import Mapping, MappingTable, Source
     from bridgecore.megatron.config import ModelConfig
+
+#: the public names, imported from their submodules on first use (`bridgecore plugins` loads this
+#: module without torch)
+_EXPORTS = {
+    "Amax": "bridgecore_quant.amax",
+    "amax_mappings": "bridgecore_quant.amax",
+    "QuantizerState": "bridgecore_quant.state",
+    "attach_quantizers": "bridgecore_quant.state",
+    "export_fp8": "bridgecore_quant.formats",
+    "export_nvfp4": "bridgecore_quant.formats",
+}
 
 __all__ = ["Amax", "QuantizerState", "amax_mappings", "attach_quantizers", "export_fp8", "export_nvfp4"]
 
 
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
 @hookimpl
 def quant_mappings(config: ModelConfig, mappings: list[Mapping], hf_keys: frozenset[str]) -> list[Mapping]:
+    from bridgecore_quant.amax import amax_mappings
+
     return amax_mappings(mappings, hf_keys)
 
 
@@ -38,6 +49,8 @@ def prepare_model(
 ) -> None:
     """Attach quantizer state to one PP stage for every amax the checkpoint (or its record) has."""
     from megatron.core import parallel_state as ps
+
+    from bridgecore_quant.state import attach_quantizers, fused_notes, global_namer, has_amax
 
     if source is None or not has_amax(hf_keys):
         return
@@ -64,4 +77,6 @@ def _rank() -> int:
 
 @hookimpl
 def export_formats() -> dict[str, Any]:
+    from bridgecore_quant.formats import export_fp8, export_nvfp4
+
     return {"fp8": export_fp8, "nvfp4": export_nvfp4}

@@ -1,24 +1,37 @@
-"""bridgecore plugin for Qwen3.5 / Qwen3.6: dense and MoE, Gated-DeltaNet hybrid, MTP, text and VL checkpoints."""
+"""bridgecore plugin for Qwen3.5 / Qwen3.6: dense and MoE, Gated-DeltaNet hybrid, MTP, text and VL checkpoints.
+
+This module imports nothing heavy: `bridgecore plugins` and `--help` load it without torch or
+megatron-core, and each hook imports what it uses. The hook on the `mappings` spec is named
+`mapping_list` (``specname``), since importing the submodule `mappings` sets the package attribute
+`mappings` to that module.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridgecore.hookspecs import hookimpl
 
-# Imported before the hooks are defined: importing the submodule `mappings` later would rebind the
-# package attribute `mappings` (the hook) to the module.
-from bridgecore_qwen35.mappings import VISION_TENSORS, qwen35_mappings
-from bridgecore_qwen35.provider import ARCHITECTURES, Qwen35Config, qwen35_config
-from bridgecore_qwen35.spec import qwen35_layer_spec
-from bridgecore_qwen35.tiny import TINY_MODELS
+if TYPE_CHECKING:
+    from bridgecore_qwen35.provider import Qwen35Config
 
 __version__ = "0.1.0"
+
+#: text-only classes keep the decoder under `model.`; the VL classes nest it (`model.language_model.`).
+TEXT_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
+VL_ARCHITECTURES = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+ARCHITECTURES = TEXT_ARCHITECTURES + VL_ARCHITECTURES
 
 
 def _ours(hf_config: dict[str, Any]) -> bool:
     arches = hf_config.get("architectures") or []
     return bool(arches) and arches[0] in ARCHITECTURES
+
+
+def _qwen35(config: Any) -> bool:
+    from bridgecore_qwen35.provider import Qwen35Config
+
+    return isinstance(config, Qwen35Config)
 
 
 @hookimpl
@@ -28,27 +41,45 @@ def architectures() -> list[str]:
 
 @hookimpl
 def provider_config(hf_config: dict[str, Any]) -> Qwen35Config | None:
-    return qwen35_config(hf_config) if _ours(hf_config) else None
+    if not _ours(hf_config):
+        return None
+    from bridgecore_qwen35.provider import qwen35_config
+
+    return qwen35_config(hf_config)
 
 
 @hookimpl
 def layer_spec(config: Any, vp_stage: int | None) -> Any:
-    return qwen35_layer_spec(config, vp_stage) if isinstance(config, Qwen35Config) else None
+    if not _qwen35(config):
+        return None
+    from bridgecore_qwen35.spec import qwen35_layer_spec
+
+    return qwen35_layer_spec(config, vp_stage)
 
 
-@hookimpl
-def mappings(config: Any, hf_keys: frozenset[str]) -> list[Any] | None:
-    return qwen35_mappings(config, hf_keys) if isinstance(config, Qwen35Config) else None
+@hookimpl(specname="mappings")
+def mapping_list(config: Any, hf_keys: frozenset[str]) -> list[Any] | None:
+    if not _qwen35(config):
+        return None
+    from bridgecore_qwen35.mappings import qwen35_mappings
+
+    return qwen35_mappings(config, hf_keys)
 
 
 @hookimpl
 def passthrough(config: Any, hf_keys: frozenset[str]) -> list[str] | None:
     # The vision tower of a VL checkpoint is not converted; the core keeps it verbatim instead.
-    return [VISION_TENSORS] if isinstance(config, Qwen35Config) else None
+    if not _qwen35(config):
+        return None
+    from bridgecore_qwen35.mappings import VISION_TENSORS
+
+    return [VISION_TENSORS]
 
 
 @hookimpl
 def tiny_models() -> list[Any]:
+    from bridgecore_qwen35.tiny import TINY_MODELS
+
     return TINY_MODELS
 
 

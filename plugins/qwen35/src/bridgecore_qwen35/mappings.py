@@ -30,7 +30,7 @@ from bridgecore.mapping import (
     Shifted,
     Stacked,
 )
-from bridgecore_qwen35.provider import VL_ARCHITECTURES
+from bridgecore_qwen35 import VL_ARCHITECTURES
 
 #: the vision tower of the VL checkpoints; not converted (see README), waived with --allow-unmapped.
 VISION_TENSORS = "model.visual.*"

@@ -11,11 +11,6 @@ from bridgecore.errors import BridgeError
 from bridgecore.megatron.config import ModelConfig
 from bridgecore_qwen35.gdn import torch_gdn_kernels
 
-#: text-only classes keep the decoder under `model.`; the VL classes nest it (`model.language_model.`).
-TEXT_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
-VL_ARCHITECTURES = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
-ARCHITECTURES = TEXT_ARCHITECTURES + VL_ARCHITECTURES
-
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -1,24 +1,50 @@
-"""bridgecore plugin for StepFun Step-3.5-Flash (`Step3p5ForCausalLM`, model_type `step3p5`)."""
+"""bridgecore plugin for StepFun Step-3.5-Flash (`Step3p5ForCausalLM`, model_type `step3p5`).
+
+This module imports nothing heavy: `bridgecore plugins` and `--help` load it without torch or
+megatron-core, and each hook imports what it uses. The hook on the `mappings` spec is named
+`mapping_list` (``specname``), since importing the submodule `mappings` sets the package attribute
+`mappings` to that module.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from bridgecore.hookspecs import hookimpl
-from bridgecore.mapping import Mapping
-from bridgecore.tiny import TinyModel
-from bridgecore_step35.mappings import step35_mappings
-from bridgecore_step35.provider import Step35Config, step35_model_config
-from bridgecore_step35.tiny import TINY
+
+if TYPE_CHECKING:
+    from bridgecore.mapping import Mapping
+    from bridgecore.tiny import TinyModel
+    from bridgecore_step35.provider import Step35Config
 
 ARCHITECTURE = "Step3p5ForCausalLM"
 
+#: the public names, imported from their submodules on first use
+_EXPORTS = {
+    "Step35Config": "bridgecore_step35.provider",
+    "step35_model_config": "bridgecore_step35.provider",
+    "step35_mappings": "bridgecore_step35.mappings",
+}
+
 __all__ = ["Step35Config", "step35_mappings", "step35_model_config"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
 def _is_step35(hf_config: dict[str, Any]) -> bool:
     architectures = hf_config.get("architectures") or []
     return ARCHITECTURE in architectures or (not architectures and hf_config.get("model_type") == "step3p5")
+
+
+def _ours(config: Any) -> bool:
+    from bridgecore_step35.provider import Step35Config
+
+    return isinstance(config, Step35Config)
 
 
 @hookimpl
@@ -28,25 +54,35 @@ def architectures() -> list[str]:
 
 @hookimpl
 def provider_config(hf_config: dict[str, Any]) -> Step35Config | None:
-    return step35_model_config(hf_config) if _is_step35(hf_config) else None
+    if not _is_step35(hf_config):
+        return None
+    from bridgecore_step35.provider import step35_model_config
+
+    return step35_model_config(hf_config)
 
 
 @hookimpl
 def layer_spec(config: Any, vp_stage: int | None) -> Any:
-    if not isinstance(config, Step35Config):
+    if not _ours(config):
         return None
     from bridgecore_step35.spec import step35_spec
 
     return step35_spec(config, vp_stage)
 
 
-@hookimpl
-def mappings(config: Any, hf_keys: frozenset[str]) -> list[Mapping] | None:
-    return step35_mappings(config, hf_keys) if isinstance(config, Step35Config) else None
+@hookimpl(specname="mappings")
+def mapping_list(config: Any, hf_keys: frozenset[str]) -> list[Mapping] | None:
+    if not _ours(config):
+        return None
+    from bridgecore_step35.mappings import step35_mappings
+
+    return step35_mappings(config, hf_keys)
 
 
 @hookimpl
 def tiny_models() -> list[TinyModel]:
+    from bridgecore_step35.tiny import TINY
+
     return [TINY]
 
 

@@ -17,7 +17,6 @@ import torch
 from bridgecore.errors import BridgeError
 from bridgecore_step35.provider import Step35Config, step35_model_config
 
-ARCHITECTURE = "Step3p7ForConditionalGeneration"
 #: The released values, used when config.json omits the key.
 DEFAULT_IMAGE_TOKEN_ID = 128001
 DOWNSAMPLE_STRIDE = 2

@@ -6,17 +6,17 @@ claims the architecture and gets the core's tiny model and ``verify`` reference.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from bridgecore.defaults import TransformersModel
 from bridgecore.errors import BridgeError
 from bridgecore.hookspecs import hookimpl
-from bridgecore.mapping import ColumnParallel, FusedQKV, GatedMLP, Mapping, Replicated, RowParallel
-from bridgecore.megatron.config import ModelConfig
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:  # imported in the hooks, so that `bridgecore plugins` imports no torch
+    from bridgecore.mapping import Mapping
+    from bridgecore.megatron.config import ModelConfig
+
+_DTYPES = ("bfloat16", "float16", "float32")
 
 #: the tiny model's config: transformers' LlamaConfig keys (2-layer GQA, bf16).
 TINY_CONFIG = {
@@ -51,7 +51,11 @@ def provider_config(hf_config: dict[str, Any]) -> ModelConfig:
     dtype_name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
     if dtype_name not in _DTYPES:
         raise BridgeError(f"config.json: dtype {dtype_name!r} is not one of {sorted(_DTYPES)}")
-    dtype = _DTYPES[dtype_name]
+    import torch
+
+    from bridgecore.megatron.config import ModelConfig
+
+    dtype = getattr(torch, dtype_name)
     return ModelConfig(
         num_layers=_require(hf_config, "num_hidden_layers"),
         hidden_size=hidden,
@@ -83,6 +87,8 @@ def layer_spec(config: ModelConfig, vp_stage: int | None) -> Any:
 
 @hookimpl
 def mappings(config: ModelConfig) -> list[Mapping]:
+    from bridgecore.mapping import ColumnParallel, FusedQKV, GatedMLP, Replicated, RowParallel
+
     layer, hf_layer = "decoder.layers.{layer}.", "model.layers.{layer}."
     table: list[Mapping] = [
         ColumnParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
