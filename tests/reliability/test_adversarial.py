@@ -18,7 +18,6 @@ from test_atomic_outputs import snapshot
 
 from bridgecore.bridge import AutoBridge
 from bridgecore.megatron import checkpoint, parallel
-from bridgecore.tiny import write_checkpoint
 
 Cli = Callable[..., Result]
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -171,18 +170,20 @@ def test_shard_truncated_while_importing_names_the_file(
 
 
 def test_metadata_of_another_model_is_one_line_in_export(cli: Cli, llama_dir: Path, tmp_path: Path) -> None:
-    from bridgecore_llama_example import TINY_CONFIG, tensor_shapes
+    other = tmp_path / "other-hf"
+    shutil.copytree(llama_dir, other)
 
-    other = dict(TINY_CONFIG, intermediate_size=96)
-    write_checkpoint(
-        tmp_path / "other-hf",
-        other,
-        {n: torch.ones(s, dtype=torch.bfloat16) for n, s in tensor_shapes(other).items()},
-        shards=2,
-    )
+    def narrower_mlp(tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+                tensors[name] = t[:96].contiguous()
+            elif ".mlp.down_proj." in name:
+                tensors[name] = t[:, :96].contiguous()
+
+    edit_config(rewrite(other, narrower_mlp), intermediate_size=96)
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
     assert cli("import", llama_dir, mine).returncode == 0
-    assert cli("import", tmp_path / "other-hf", theirs).returncode == 0
+    assert cli("import", other, theirs).returncode == 0
     shutil.copy(theirs / "release" / ".metadata", mine / "release" / ".metadata")
     out = tmp_path / "out"
     line = cli("export", mine, out).error_line()
