@@ -15,7 +15,13 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_plain_lines_in_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def long_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work that has run long enough for plain lines (they start after PLAIN_AFTER seconds)."""
+    monkeypatch.setattr("bridgecore.progress.PLAIN_AFTER", 0.0)
+
+
+def test_plain_lines_in_a_log(monkeypatch: pytest.MonkeyPatch, long_work: None) -> None:
     log = io.StringIO()
     monkeypatch.setattr("sys.stderr", log)
     assert list(track(range(81), "import", "tensor")) == list(range(81))
@@ -26,7 +32,14 @@ def test_plain_lines_in_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def test_updates_from_threads_are_all_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_work_prints_no_plain_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    assert list(track(range(81), "import", "tensor")) == list(range(81))
+    assert log.getvalue() == ""
+
+
+def test_updates_from_threads_are_all_counted(monkeypatch: pytest.MonkeyPatch, long_work: None) -> None:
     log = io.StringIO()
     monkeypatch.setattr("sys.stderr", log)
     with Progress("offline import", 400, "chunk") as progress:

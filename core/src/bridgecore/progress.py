@@ -1,5 +1,6 @@
 """Progress of a long step, fitted to where stderr goes: a tqdm bar on a terminal, otherwise a few
-plain lines (at each quarter of the work, and at least once a minute), which read well in a log file."""
+plain lines (at each quarter of the work, and at least once a minute), which read well in a log file.
+Work done within its first few seconds prints no plain line at all: a log needs no progress of a tiny model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ T = TypeVar("T")
 #: plain lines: one per 1/PLAIN_STEPS of the work, and one at least this often (seconds) while it advances.
 PLAIN_STEPS = 4
 PLAIN_EVERY = 60.0
+#: plain lines begin only once the work has run this long (seconds).
+PLAIN_AFTER = 3.0
 
 
 class Progress:
@@ -42,6 +45,8 @@ class Progress:
             self._done += n
             step = self._done * PLAIN_STEPS // self.total
             now = time.monotonic()
+            if now - self._start < PLAIN_AFTER:
+                return
             if step > self._shown_step or now - self._last >= PLAIN_EVERY:
                 self._shown_step, self._last = step, now
                 percent = self._done * 100 // self.total
