@@ -158,7 +158,9 @@ def check_wheels(session: nox.Session) -> None:
     # Then the metadata, with the test tools (and the [verify] extras, so every import resolves).
     verify = [f"{name}[verify]" for name in USER_INSTALL if name != "bridgecore-quant"]
     session.install(*FIND_LINKS, "--find-links", str(wheelhouse), "-c", ROW_016, *verify, *TEST_TOOLS, "twine==7.0.0")
-    session.run("twine", "check", "--strict", *sorted(str(p) for p in wheelhouse.iterdir()))
+    # (uv build also leaves a .gitignore there.)
+    built = sorted(str(p) for pattern in ("*.whl", "*.tar.gz") for p in wheelhouse.glob(pattern))
+    session.run("twine", "check", "--strict", *built)
     session.run(
         "pytest", "-q", "-p", "no:cacheprovider", "tests/wheels", env={**env, "BRIDGECORE_WHEELHOUSE": str(wheelhouse)}
     )
