@@ -77,9 +77,9 @@ def test_requires_dist_is_the_pyproject_and_admits_the_tested_pins(name: str) ->
 
 def _imported_top_level(name: str) -> set[str]:
     modules: set[str] = set()
-    for file in distribution(name).files or []:
-        if file.suffix != ".py":
-            continue
+    sources = [file for file in distribution(name).files or [] if file.suffix == ".py"]
+    assert sources, f"{name}: no Python files installed (an editable install has none to scan)"
+    for file in sources:
         for node in ast.walk(ast.parse(Path(file.locate()).read_text())):
             if isinstance(node, ast.Import):
                 modules |= {alias.name.split(".")[0] for alias in node.names}
