@@ -148,7 +148,10 @@ def check_wheels(session: nox.Session) -> None:
     for dist in DISTRIBUTIONS:
         # A directory builds its sdist first and the wheel from that sdist, so the sdist is complete.
         session.run("uv", "build", "--quiet", "--out-dir", str(wheelhouse), dist)
-    session.install(*FIND_LINKS, "--find-links", str(wheelhouse), "-c", TORCH_ONLY, *USER_INSTALL)
+    # uv caches a find-links wheel by name and version: refresh ours, or a rebuild of 0.1.0 installs the
+    # first 0.1.0 it ever cached.
+    refresh = [arg for name in ("bridgecore", *USER_INSTALL) for arg in ("--refresh-package", name)]
+    session.install(*FIND_LINKS, "--find-links", str(wheelhouse), *refresh, "-c", TORCH_ONLY, *USER_INSTALL)
     env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     # Bounded: a writer process that dies must fail this session, never hang it.
     bounded = ["timeout", "--kill-after=30", "900"]
