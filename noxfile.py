@@ -77,8 +77,10 @@ MCORE_019_FOLDERS = [
 TEST_TOOLS = [
     "pytest==9.0.3",
     "hypothesis==6.155.2",
-    # tests/core/test_authoring.py builds a scaffolded plugin's wheel without build isolation
+    # tests/core/test_authoring.py builds a scaffolded plugin's wheel without build isolation, with pip
+    # (a venv made by uv has none)
     "hatchling==1.33.0",
+    "pip==26.3",
 ]
 
 #: plugin -> (local distributions it needs, besides the core, and its test folders). Each is installed
