@@ -229,5 +229,7 @@ def tests_modelopt(session: nox.Session) -> None:
 @nox.session(python=PY311)
 def bench(session: nox.Session) -> None:
     """The conversion benchmarks (bench/README.md): `python3 -m nox -s bench -- --sizes 1 4 --work DIR`."""
-    session.install(*FIND_LINKS, "-c", ROW_016, "./core", "./tests/example_plugin", "psutil", "matplotlib==3.10.3")
+    # bench_startup.py inspects the full-size Step-3.5-Flash layout: the step35 plugin too.
+    local = ["./core", "./tests/example_plugin", "./plugins/step35"]
+    session.install(*FIND_LINKS, "-c", ROW_016, *local, "psutil", "matplotlib==3.10.3")
     session.run("python", "bench/bench_convert.py", *session.posargs, env={"OMP_NUM_THREADS": "1"})
