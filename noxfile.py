@@ -1,37 +1,63 @@
+# /// script
+# dependencies = ["nox==2026.10.20", "uv==0.13.9"]
+# ///
 """Test matrix and the demo, each session in its own virtual environment.
 
     python3 -m nox -s demo            the main job: every family's tiny model, import -> export -> check
-    python3 -m nox -s tests           the default test run (what .ci/run calls)
+    python3 -m nox -s tests           the default test run (what .ci/run calls), the wheel check included
+    python3 -m nox -s wheels          the wheel check alone: build, install by name, run, check metadata
     python3 -m nox -l                 every session, the megatron-core 0.19 row included
 
+How the sessions install:
+- Our distributions are installed with their declared dependencies, resolved by the installer, so a
+  dependency missing from a pyproject fails here as it would for a user. Only the test tools
+  (TEST_TOOLS) are listed by hand. constraints/*.txt pin torch (the CPU wheel stands), and per row
+  megatron-core and transformers (the [verify] extras' reference forwards).
+- The installer is uv (the script block above: `python3 -m nox` installs nox and uv into
+  .nox/_nox_script_mode once and runs itself there). It keeps one wheel cache for every session and
+  links from it, where pip unpacked torch, megatron-core and transformers into each venv again.
+  uv reads no pip configuration, so pip's configured find-links (where this machine keeps the CPU
+  torch wheel) are handed to it (pip_find_links).
+- Measured on the 2-core machine with other jobs running (load average 13-15): one session's
+  third-party set (torch, megatron-core, transformers, pytest, hypothesis: 45 wheels) took pip 11 min
+  23 s into a fresh venv from wheels already on disk (no network), and took uv 61 s with an empty
+  cache (downloads included) and 6.6 s with a warm one.
+- Each plugin's session still has its own venv with only that plugin (and what it declares) on the
+  core, so per-plugin isolation is kept; venvs are made anew each run, so nothing stale hides a
+  dropped dependency.
+
 Pins, and why:
-- torch==2.13.0 on Python 3.11: the CPU wheel this machine keeps in /opt/wheels (pip's find-links).
+- torch==2.13.0 on Python 3.11: the CPU wheel this machine keeps in pip's find-links (/opt/wheels).
   A bare or looser requirement would download the multi-GB CUDA build from PyPI.
-- megatron-core==0.16.1: the newest release for Python 3.11 (0.17+ need Python 3.12).
+- megatron-core==0.16.1: the newest release for Python 3.11 (0.17+ need Python 3.12). Every
+  distribution declares megatron-core>=0.16.1,<0.20 because both rows (0.16.1 and 0.19.2) pass.
 - transformers==5.23.0: the reference forwards (qwen3_5, qwen3_5_moe, step3p7, llama) live there.
 - The 0.19 row runs megatron-core==0.19.2 on Python 3.12, where no local CPU torch wheel exists:
-  pip downloads torch's CUDA build (it still runs on the CPU). See the cost noted above MCORE_019_FOLDERS.
+  the CUDA build is downloaded (it still runs on the CPU). See the cost noted above MCORE_019_FOLDERS.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["tests"]
-nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "uv"
 
 PY311 = "3.11"
 #: pyenv keeps 3.12 installed but not on PATH on the CI image; BRIDGECORE_PY312 overrides.
 PY312 = os.environ.get("BRIDGECORE_PY312") or next(
     (str(p) for p in Path("/root/.pyenv/versions").glob("3.12*/bin/python3.12")), "3.12"
 )
-TORCH_311 = "torch==2.13.0"
-MCORE_016 = "megatron-core==0.16.1"
-MCORE_019 = "megatron-core==0.19.2"
-TORCH_312 = "torch==2.13.0"
+ROW_016 = "constraints/mcore016.txt"
+ROW_019 = "constraints/mcore019.txt"
+#: The wheel check pins torch alone, as the README's install section does.
+TORCH_ONLY = "constraints/torch.txt"
 #: Measured on the 2-core machine (empty pip cache): the 0.19 row downloads 2.6 GB of wheels (torch's
 #: CUDA build, nvidia-*, triton), installs in about 2.5 minutes into a 5.0 GB venv, and its tests take
 #: about 8 minutes. With the default row at about 20-25 minutes that would put the default run over
@@ -47,20 +73,18 @@ MCORE_019_FOLDERS = [
     "tests/reliability",
     "tests/scale",
 ]
-COMMON = [
-    "transformers==5.23.0",
-    "safetensors==0.8.0",
-    "pluggy==1.6.0",
-    "tqdm",
-    "numpy",
-    "psutil",
+#: The test tools: the only hand-written list. Everything else comes from our distributions' metadata.
+TEST_TOOLS = [
     "pytest==9.0.3",
     "hypothesis==6.155.2",
-    # tests/core/test_authoring.py builds a scaffolded plugin's wheel without build isolation
+    # tests/core/test_authoring.py builds a scaffolded plugin's wheel without build isolation, with pip
+    # (a venv made by uv has none)
     "hatchling==1.33.0",
+    "pip==26.3",
 ]
 
-#: plugin -> (local distributions it needs, besides the core, and its test folders)
+#: plugin -> (local distributions it needs, besides the core, and its test folders). Each is installed
+#: with its [verify] extra: the tests compare against the transformers reference forwards.
 PLUGINS = {
     "core": ([], ["tests/core"]),
     "step35": (["plugins/step35"], ["tests/step35"]),
@@ -73,12 +97,38 @@ PLUGINS = {
         ["tests/reliability", "tests/scale", "tests/conformance", "tests/interop"],
     ),
 }
+#: What the wheel check builds (core and each plugin) and installs by name (the four plugins).
+DISTRIBUTIONS = ["core", "plugins/step35", "plugins/step37", "plugins/qwen35", "plugins/quant"]
+USER_INSTALL = ["bridgecore-step35", "bridgecore-step37", "bridgecore-qwen35", "bridgecore-quant"]
 
 
-def install(session: nox.Session, torch_pin: str, mcore_pin: str, plugins: list[str]) -> None:
-    session.install(torch_pin, mcore_pin, *COMMON)
-    # The local distributions are installed without re-resolving torch, so the pin above stands.
-    session.install("--no-deps", "-e", "core", "-e", "tests/example_plugin", *(x for p in plugins for x in ("-e", p)))
+def pip_find_links() -> list[str]:
+    """uv's --find-links arguments for the find-links pip is configured with (environment or pip.conf).
+
+    uv reads no pip configuration; this machine keeps its CPU torch wheel in pip's find-links.
+    """
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    links: list[str] = []
+    for line in listing.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith(".find-links"):
+            links += value.strip().strip("'\"").split()
+    return [arg for link in dict.fromkeys(links) for arg in ("--find-links", link)]
+
+
+FIND_LINKS = pip_find_links()
+
+
+def install(session: nox.Session, constraints: str, plugins: list[str]) -> None:
+    """The core, the example plugin and ``plugins`` (editable, the plugins with their [verify] extras,
+    each with every dependency it declares), then the test tools."""
+    local = ["core", "tests/example_plugin", *(f"{p}[verify]" for p in plugins)]
+    session.install(*FIND_LINKS, "-c", constraints, *(x for p in local for x in ("-e", f"./{p}")), *TEST_TOOLS)
 
 
 def run_tests(session: nox.Session, folders: list[str]) -> None:
@@ -88,21 +138,63 @@ def run_tests(session: nox.Session, folders: list[str]) -> None:
     session.run("pytest", "-q", "-p", "no:cacheprovider", *folders, *args, env=env)
 
 
+def check_wheels(session: nox.Session) -> None:
+    """Build the wheel and sdist of every distribution, install the four plugins by name from that
+    wheelhouse into this fresh venv as `pip install bridgecore-step35 ...` would (the core comes in as
+    their dependency; only torch pinned), run the commands a user runs first, then check the metadata
+    (tests/wheels, twine check)."""
+    tmp = Path(session.create_tmp())
+    wheelhouse, demo_out = tmp / "wheelhouse", tmp / "demo"
+    for stale in (wheelhouse, demo_out):
+        shutil.rmtree(stale, ignore_errors=True)
+    for dist in DISTRIBUTIONS:
+        # A directory builds its sdist first and the wheel from that sdist, so the sdist is complete.
+        session.run("uv", "build", "--quiet", "--out-dir", str(wheelhouse), dist)
+    # uv caches a find-links wheel by name and version: refresh ours, or a rebuild of 0.1.0 installs the
+    # first 0.1.0 it ever cached.
+    refresh = [arg for name in ("bridgecore", *USER_INSTALL) for arg in ("--refresh-package", name)]
+    session.install(*FIND_LINKS, "--find-links", str(wheelhouse), *refresh, "-c", TORCH_ONLY, *USER_INSTALL)
+    env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # Bounded: a writer process that dies must fail this session, never hang it.
+    bounded = ["timeout", "--kill-after=30", "900"]
+    session.run(*bounded, "bridgecore", "plugins", env=env, external=True)
+    session.run(*bounded, "bridgecore", "demo", "--out", str(demo_out), env=env, external=True)
+    session.run(*bounded, "bridgecore", "roundtrip", str(demo_out / "step37" / "hf"), env=env, external=True)
+    # Then the metadata, with the test tools (and the [verify] extras, so every import resolves).
+    verify = [f"{name}[verify]" for name in USER_INSTALL if name != "bridgecore-quant"]
+    session.install(*FIND_LINKS, "--find-links", str(wheelhouse), "-c", ROW_016, *verify, *TEST_TOOLS, "twine==7.0.0")
+    # (uv build also leaves a .gitignore there.)
+    built = sorted(str(p) for pattern in ("*.whl", "*.tar.gz") for p in wheelhouse.glob(pattern))
+    session.run("twine", "check", "--strict", *built)
+    session.run(
+        "pytest", "-q", "-p", "no:cacheprovider", "tests/wheels", env={**env, "BRIDGECORE_WHEELHOUSE": str(wheelhouse)}
+    )
+
+
 @nox.session(python=PY311)
-@nox.parametrize("plugin", list(PLUGINS))
+@nox.parametrize("plugin", [*PLUGINS, nox.param("wheels", id="wheels")])
 def tests(session: nox.Session, plugin: str) -> None:
     """Each plugin installed alone on the core (the "all" row installs every plugin together),
-    megatron-core 0.16.1 on Python 3.11."""
+    megatron-core 0.16.1 on Python 3.11; and `tests(wheels)`, the wheel check."""
+    if plugin == "wheels":
+        check_wheels(session)
+        return
     extra, folders = PLUGINS[plugin]
-    install(session, TORCH_311, MCORE_016, extra)
+    install(session, ROW_016, extra)
     run_tests(session, folders)
+
+
+@nox.session(python=PY311)
+def wheels(session: nox.Session) -> None:
+    """The wheel check alone (the default run has it as `tests(wheels)`)."""
+    check_wheels(session)
 
 
 @nox.session(python=PY312, name="tests-mcore019")
 def tests_mcore019(session: nox.Session) -> None:
     """megatron-core 0.19.2 on Python 3.12 with every plugin installed (not in the default run)."""
     extra, _ = PLUGINS["all"]
-    install(session, TORCH_312, MCORE_019, extra)
+    install(session, ROW_019, extra)
     run_tests(session, MCORE_019_FOLDERS)
 
 
@@ -110,7 +202,7 @@ def tests_mcore019(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The main job: every installed family's tiny model, generate -> import -> export -> compare."""
     extra, _ = PLUGINS["all"]
-    install(session, TORCH_311, MCORE_016, extra)
+    install(session, ROW_016, extra)
     session.run("bridgecore", "plugins")
     session.run("bridgecore", "demo", *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
@@ -128,7 +220,16 @@ def tests_modelopt(session: nox.Session) -> None:
     """The quant plugin against NVIDIA ModelOpt itself (calibrate, import, export, compare); not in the
     default run: importing ModelOpt alone takes about a minute on 2 cores, the run several."""
     extra, _ = PLUGINS["quant"]
-    install(session, TORCH_311, MCORE_016, extra)
-    session.install("--no-deps", MODELOPT)
-    session.install(*MODELOPT_IMPORTS)
+    install(session, ROW_016, extra)
+    session.install(*FIND_LINKS, "-c", ROW_016, "--no-deps", MODELOPT)
+    session.install(*FIND_LINKS, "-c", ROW_016, *MODELOPT_IMPORTS)
     run_tests(session, ["tests/quant/test_modelopt_interop.py"])
+
+
+@nox.session(python=PY311)
+def bench(session: nox.Session) -> None:
+    """The conversion benchmarks (bench/README.md): `python3 -m nox -s bench -- --sizes 1 4 --work DIR`."""
+    # bench_startup.py inspects the full-size Step-3.5-Flash layout: the step35 plugin too.
+    local = ["./core", "./tests/example_plugin", "./plugins/step35"]
+    session.install(*FIND_LINKS, "-c", ROW_016, *local, "psutil", "matplotlib==3.10.3")
+    session.run("python", "bench/bench_convert.py", *session.posargs, env={"OMP_NUM_THREADS": "1"})

@@ -1,6 +1,6 @@
 """Conversion speed and peak memory against the disk limit and against peers, on synthetic checkpoints.
 
-    /tmp/venv/bin/python bench/bench_convert.py --sizes 1 4 --pairs 3 --work /tmp/bench
+    python3 -m nox -s bench -- --sizes 1 4 --pairs 3 --work /tmp/bench        (its environment: the noxfile)
 
 For each size (GB of bf16 weights) a Llama-layout checkpoint is generated (the example plugin's
 layout, scaled by hidden size and layer count) and every command runs as a child process whose

@@ -35,7 +35,7 @@ def test_unclaimed_checkpoint_names_architecture_installed_plugins_and_hint() ->
     message = str(err.value)
     assert "\n" not in message
     assert "ckpt/config.json" in message and "Step3p5ForCausalLM" in message
-    assert "a (FooForCausalLM)" in message and "pip install bridgecore-step35" in message
+    assert "a (FooForCausalLM)" in message and "pip install --find-links WHEELHOUSE bridgecore-step35" in message
 
 
 def test_unknown_family_has_no_install_hint() -> None:

@@ -141,11 +141,11 @@ def _report_waived(bridge: AutoBridge) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from bridgecore.plugins import installed
+    from bridgecore.plugins import install_hint, installed
 
     plugins = installed()
     if not plugins.infos:
-        print("no plugins installed; pip install bridgecore-<family> (step35, step37, qwen35, quant)")
+        print(f"no plugins installed; {install_hint('bridgecore-<family>')} (step35, step37, qwen35, quant)")
     for info in plugins.infos.values():
         print(f"{info.name}  ({info.distribution} {info.version})")
         print(f"  architectures: {', '.join(info.architectures) or '-'}")
@@ -289,7 +289,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.quant:
         formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
         if args.quant not in formats:
-            raise BridgeError(f"--quant {args.quant}: no installed plugin offers it; pip install bridgecore-quant")
+            from bridgecore.plugins import install_hint
+
+            hint = install_hint("bridgecore-quant")
+            raise BridgeError(f"--quant {args.quant}: no installed plugin offers it; {hint}")
         from bridgecore.hf.writer import temporary_prefix
         from bridgecore.megatron import parallel
 

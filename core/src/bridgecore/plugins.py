@@ -28,6 +28,15 @@ KNOWN_FAMILIES = {
 }
 
 
+def install_hint(distribution: str) -> str:
+    """How to get a first-party distribution: they are not on the package index yet, so a bare
+    `pip install` would find nothing; the README's "Install" section builds the wheelhouse."""
+    return (
+        f"pip install --find-links WHEELHOUSE {distribution}, WHEELHOUSE being the wheels built from the"
+        ' bridgecore repository (not on PyPI yet; its README, "Install")'
+    )
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -117,7 +126,7 @@ class Plugins:
             raise BridgeError(f"{where}: architecture {arch} is claimed by {names}; pick one with --plugin NAME")
         if not owners:
             hint = KNOWN_FAMILIES.get(arch)
-            tip = f"; pip install {hint}" if hint else ""
+            tip = f"; {install_hint(hint)}" if hint else ""
             raise BridgeError(
                 f"{where}: no installed plugin claims architecture {arch}; installed: {self.summary()}{tip}"
             )
