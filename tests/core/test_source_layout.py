@@ -53,9 +53,11 @@ def test_a_record_without_files_is_sharded_by_size(llama_dir: Path, tmp_path: Pa
 
 def test_source_record_keeps_files_and_index_order(llama_dir: Path) -> None:
     source = SourceMeta.of(CheckpointReader(llama_dir))
-    index = json.loads((llama_dir / INDEX_FILE).read_text())["weight_map"]
+    document = json.loads((llama_dir / INDEX_FILE).read_text())
+    index = document["weight_map"]
     assert source.files == index and list(source.files) == list(index)
-    again = SourceMeta.from_json(json.loads(json.dumps(source.to_json())))
+    assert source.index_metadata == document["metadata"]
+    again = SourceMeta.from_json(json.loads(json.dumps(source.to_json())), source.index_metadata)
     assert again == source and list(again.files) == list(index)
     old = SourceMeta.from_json([row[:3] for row in source.to_json()])
     assert old.tensors == source.tensors and old.files == {} and old.files_of(list(old.tensors)) is None

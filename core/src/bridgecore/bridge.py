@@ -51,15 +51,20 @@ class SourceMeta:
     #: the file of each tensor, when known, in the order of the source's index (its file order
     #: without an index); ``tensors`` keeps the order of the data in the files.
     files: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the ``metadata`` object of the source's index (``total_size``, and ``total_parameters`` as
+    #: transformers writes it), restored with its files; None without an index.
+    index_metadata: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, reader: CheckpointReader) -> SourceMeta:
         index = reader.hf_dir / INDEX_FILE
         # The reader has validated the index: it names exactly the tensors of the files.
-        listed = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else reader.keys()
+        document = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else None
+        metadata = document.get("metadata") if document else None
         return cls(
             {k: (tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()},
-            {k: reader.file_of(k).name for k in listed},
+            {k: reader.file_of(k).name for k in (document["weight_map"] if document else reader.keys())},
+            metadata if isinstance(metadata, dict) else None,
         )
 
     def files_of(self, names: Sequence[str]) -> dict[str, str] | None:
@@ -84,10 +89,14 @@ class SourceMeta:
         ]
 
     @classmethod
-    def from_json(cls, rows: list[list[Any]]) -> SourceMeta:
+    def from_json(cls, rows: list[list[Any]], index_metadata: dict[str, Any] | None = None) -> SourceMeta:
         """Rows of :meth:`to_json`; rows of records written before files were kept have three entries."""
         placed = sorted((row for row in rows if len(row) == 5), key=lambda row: row[4])
-        return cls({n: (tuple(s), getattr(torch, d)) for n, s, d, *_ in rows}, {row[0]: row[3] for row in placed})
+        return cls(
+            {n: (tuple(s), getattr(torch, d)) for n, s, d, *_ in rows},
+            {row[0]: row[3] for row in placed},
+            index_metadata,
+        )
 
 
 #: model sizes every conversion builds tensors from; larger values are corrupt configs, not models.
@@ -266,7 +275,7 @@ class AutoBridge:
             plugin=plugin or meta.get("plugin"),
             plugins=plugins,
             params_dtype=getattr(torch, meta["params_dtype"]),
-            source=SourceMeta.from_json(meta["source"]),
+            source=SourceMeta.from_json(meta["source"], meta.get("source_index_metadata")),
         )
         side = ckpt_dir / SIDE
         bridge.hf_dir = side if side.is_dir() else None
@@ -455,6 +464,7 @@ class AutoBridge:
             "params_dtype": str(self.config.params_dtype).removeprefix("torch."),
             "hf_config": self.hf_config,
             "source": self.source.to_json() if self.source else [],
+            "source_index_metadata": self.source.index_metadata if self.source else None,
         }
 
     def load_megatron(self, model: Model, ckpt_dir: str | Path, iteration: int | None = None) -> None:

@@ -110,7 +110,7 @@ class ConversionPlan:
         source = self.bridge.source
         files = source.files_of([name for name, _, _ in entries]) if source else None
         if temp_dir is None:
-            return ShardedWriter(out_dir, entries, max_shard_size, files)
+            return ShardedWriter(out_dir, entries, max_shard_size, files, source.index_metadata if files else None)
         return ShardedWriter.attach(out_dir, entries, max_shard_size, temp_dir, files)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,10 +136,14 @@ class ShardedWriter:
         plan: Sequence[PlanEntry],
         max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
         files: dict[str, str] | None = None,
+        index_metadata: dict[str, Any] | None = None,
     ):
         """``files`` (tensor name -> file name, for every planned tensor) restores a known shard split:
-        each file holds its tensors in plan order; without it, shards fill up to ``max_shard_size``."""
+        each file holds its tensors in plan order; without it, shards fill up to ``max_shard_size``.
+        ``index_metadata`` is the source index's ``metadata`` to restore with them (its ``total_size``
+        recomputed)."""
         self.out_dir = Path(out_dir)
+        self.index_metadata = index_metadata
         if files is None:
             self.shards, self.placements = _layout(plan, parse_size(max_shard_size))
         else:
@@ -212,7 +217,7 @@ class ShardedWriter:
             for shard in self.shards:
                 _sync_file(temp_dir / shard.file, shard.size)
             if self.indexed:
-                _write_index(temp_dir / INDEX_FILE, self.placements)
+                _write_index(temp_dir / INDEX_FILE, self.placements, self.index_metadata)
             if side_files_from is not None:
                 copy_side_files(Path(side_files_from), temp_dir)
             _fsync_dir(temp_dir)
@@ -379,9 +384,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_index(path: Path, placements: dict[str, Placement]) -> None:
+def _write_index(path: Path, placements: dict[str, Placement], metadata: dict[str, Any] | None = None) -> None:
     index = {
-        "metadata": {"total_size": sum(p.nbytes for p in placements.values())},
+        "metadata": {**(metadata or {}), "total_size": sum(p.nbytes for p in placements.values())},
         "weight_map": {name: p.file for name, p in placements.items()},
     }
     path.write_text(json.dumps(index, indent=2) + "\n")
