@@ -132,7 +132,9 @@ def install(session: nox.Session, constraints: str, plugins: list[str]) -> None:
 
 
 def run_tests(session: nox.Session, folders: list[str]) -> None:
-    env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # A rank that fails inside one of megatron-core's collectives leaves its peers waiting until
+    # BRIDGECORE_TIMEOUT (default 1800 s): tests wait 300 s at most, so such a bug fails, never stalls, CI.
+    env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "BRIDGECORE_TIMEOUT": "300"}
     # `slow` marks the rest of the multi-rank layout matrix: `nox -s tests -- -m slow` runs it.
     args = session.posargs or ["-m", "not slow"]
     session.run("pytest", "-q", "-p", "no:cacheprovider", *folders, *args, env=env)

@@ -78,5 +78,7 @@ def _extra_state(key: str, weight: Any) -> Any:
     expert = ".experts." in key
     tp_rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
     replica = weight.replica_id
-    dp_replica = replica[-1] if isinstance(replica, tuple) else replica
-    return ShardedObject(key, None, shape, offset, replica_id=(0, tp_rank, dp_replica))
+    # A copy of another stage's weight (the tied embedding on a later stage) keeps its copy mark, so
+    # its module's entry is not saved twice.
+    copy, dp_replica = (replica[0], replica[-1]) if isinstance(replica, tuple) else (0, replica)
+    return ShardedObject(key, None, shape, offset, replica_id=(copy, tp_rank, dp_replica))
