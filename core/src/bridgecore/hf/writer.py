@@ -299,17 +299,24 @@ def _layout(plan: Sequence[PlanEntry], max_shard_size: int) -> tuple[list[Shard]
     for number, group in enumerate(groups, start=1):
         file = SINGLE_FILE if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         group.sort(key=lambda t: (-layout_rank(t[1]), t[0]))
-        tensors = [(name, code, shape) for name, code, shape, _ in group]
-        header = encode_header(tensors, FILE_METADATA)
-        offset = len(header)
-        for name, code, shape, dtype in group:
-            size = data_bytes(code, shape)
-            placements[name] = Placement(file, offset, size, shape, dtype)
-            offset += size
-        shards.append(Shard(file, tensors, header))
+        shards.append(_shard(file, group, placements))
     # The index lists tensors in plan order, whatever order the files hold them in.
     ordered = {name: placements[name] for name, _, _ in plan}
     return shards, ordered
+
+
+def _shard(
+    file: str, group: list[tuple[str, str, tuple[int, ...], torch.dtype]], placements: dict[str, Placement]
+) -> Shard:
+    """The shard ``file`` holding ``group``'s tensors in that order; records each one's placement."""
+    tensors = [(name, code, shape) for name, code, shape, _ in group]
+    header = encode_header(tensors, FILE_METADATA)
+    offset = len(header)
+    for name, code, shape, dtype in group:
+        size = data_bytes(code, shape)
+        placements[name] = Placement(file, offset, size, shape, dtype)
+        offset += size
+    return Shard(file, tensors, header)
 
 
 def _source_layout(plan: Sequence[PlanEntry], files: dict[str, str]) -> tuple[list[Shard], dict[str, Placement]]:
@@ -330,14 +337,7 @@ def _source_layout(plan: Sequence[PlanEntry], files: dict[str, str]) -> tuple[li
         groups.setdefault(file, []).append((name, code, tuple(int(s) for s in shape), dtype))
     shards, placements = [], {}
     for file, group in groups.items():
-        tensors = [(name, code, shape) for name, code, shape, _ in group]
-        header = encode_header(tensors, FILE_METADATA)
-        offset = len(header)
-        for name, code, shape, dtype in group:
-            size = data_bytes(code, shape)
-            placements[name] = Placement(file, offset, size, shape, dtype)
-            offset += size
-        shards.append(Shard(file, tensors, header))
+        shards.append(_shard(file, group, placements))
     # The index lists tensors in the order of ``files``, whatever order the files hold them in.
     return shards, {name: placements[name] for name in files if name in placements}
 
