@@ -16,9 +16,11 @@ SHARD1 = "model-00001-of-00002.safetensors"
 
 
 def failed_import(cli: Cli, hf_dir: Path, out: Path, *flags: object, plugins: str = "llama_example") -> str:
-    """Import `hf_dir` to `out`, expecting a clean failure that leaves nothing at or beside `out`."""
+    """Import `hf_dir` to `out`, expecting a clean failure that leaves nothing at or beside `out`, and no
+    process group in this process (a later conversion in it, or a test after this one, starts afresh)."""
     line = cli("import", hf_dir, out, *flags, plugins=plugins).error_line()
     assert siblings(out) == [], siblings(out)
+    assert not torch.distributed.is_initialized()
     return line
 
 

@@ -570,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return _run(args)
+        return _report(args)
     except KeyboardInterrupt:
         print(f"bridgecore: error: {_who()}interrupted (Ctrl-C); the output path was left as it was", file=sys.stderr)
         return 130
@@ -591,16 +591,26 @@ def _who() -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # bridgecore.megatron.parallel is in sys.modules once something set up a process group
     try:
         if args.command != "plugins":  # every other command converts or builds a model
             from bridgecore.megatron.compat import import_megatron_core
 
             import_megatron_core()
         status = args.fn(args)
-        parallel = sys.modules.get("bridgecore.megatron.parallel")
-        if parallel is not None:  # imported by whatever set up a process group
-            parallel.leave()
+        if "bridgecore.megatron.parallel" in sys.modules:
+            sys.modules["bridgecore.megatron.parallel"].leave()
         return status
+    except BaseException:
+        # a failed command drops its group too, without the final barrier: the other ranks may be gone
+        if "bridgecore.megatron.parallel" in sys.modules:
+            sys.modules["bridgecore.megatron.parallel"].forget()
+        raise
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
     except BridgeError as exc:
         if args.traceback:
             raise

@@ -179,9 +179,16 @@ def leave() -> None:
         return
     with _peers_answer("the final barrier"):
         dist.barrier()
+    forget()
+
+
+def forget() -> None:
+    """Drop this process's group and megatron-core's parallel state without waiting for the other ranks:
+    after a failure, when they may be gone. A later conversion in this process then starts afresh."""
     if "megatron.core.parallel_state" in sys.modules:  # set up by init_model_parallel; not imported for nothing
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_model_parallel(layout: Layout) -> None:
