@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 import tarfile
 import tomllib
@@ -57,6 +58,9 @@ def test_readme_is_the_long_description(name: str) -> None:
     body = dist.read_text("METADATA").split("\n\n", 1)[1]
     assert body.strip() == (REPO / FOLDERS[name] / "README.md").read_text().strip()
     assert dist.metadata["Summary"] == project(name)["description"]
+    # An index renders the description away from the repository: a relative link there leads nowhere.
+    links = re.findall(r"\]\(([^)\s]+)\)", body)
+    assert [link for link in links if not re.match(r"https?://|#", link)] == []
 
 
 @pytest.mark.parametrize("name", FOLDERS)
