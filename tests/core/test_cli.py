@@ -72,6 +72,7 @@ def test_verify_matches_transformers_llama(llama_dir: Path) -> None:
 def test_inspect_prints_config_table_and_coverage(llama_dir: Path) -> None:
     out = run_cli("inspect", str(llama_dir), plugins=PLUGINS).stdout
     assert "num_query_groups                         2" in out
+    assert "moe_router_topk" not in out  # megatron-core's MoE defaults are not shown for a dense model
     assert "decoder.layers.1.self_attention.linear_qkv.weight" in out and "FusedQKV" in out
     assert "coverage: 15 Megatron tensors <- 21 of 21 HF tensors" in out
 

@@ -181,6 +181,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "share_embeddings_and_output_weights",
     ]
     for f in fields:
+        if f.startswith("moe_") and not getattr(c, "num_moe_experts", None):
+            continue  # megatron-core's MoE defaults mean nothing for a dense model
         print(f"  {f:40s} {getattr(c, f, None)}")
     model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True, allow_unmapped=args.allow_unmapped)
     try:
