@@ -48,6 +48,12 @@ import nox
 
 nox.options.sessions = ["tests"]
 nox.options.default_venv_backend = "uv"
+# uv installs without compiling bytecode, and where PYTHONDONTWRITEBYTECODE is set (this machine and
+# CI set it) no process writes any later: every `bridgecore` a test starts then compiled torch,
+# megatron-core and transformers afresh, about 7 s more per process (an import of megatron-core's GPT
+# model took 16 s instead of 9 s), which doubled the core and "all" rows. Compiled at install instead
+# (about 8 s for torch).
+os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
 
 PY311 = "3.11"
 #: pyenv keeps 3.12 installed but not on PATH on the CI image; BRIDGECORE_PY312 overrides.
