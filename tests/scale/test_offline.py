@@ -10,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from scale_cli import TINY, bridgecore
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bridgecore.bridge import AutoBridge
 from bridgecore.compare import compare_checkpoints
 from bridgecore.errors import BridgeError
+from bridgecore.megatron.checkpoint import RELEASE
 from bridgecore.megatron.parallel import Layout
 from bridgecore.offline import stream_to_megatron
 
@@ -64,6 +67,32 @@ def test_offline_export_reads_a_multirank_save(tiny_checkpoint, tmp_path: Path) 
     bridgecore("llama-example", "import", hf, tmp_path / "megatron", "--tp", "2", "--pp", "2", ranks=4)
     bridgecore("llama-example", "export", tmp_path / "megatron", tmp_path / "hf-out", "--offline")
     _exact(hf, tmp_path / "hf-out")
+
+
+def _saved(ckpt: Path, scratch: Path) -> dict[str, object]:
+    """Every saved tensor and object of a torch_dist checkpoint, by key."""
+    out = scratch / f"{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt / RELEASE, out)
+    return torch.load(out, weights_only=False)
+
+
+def test_offline_paths_split_across_processes(tiny_checkpoint, tmp_path: Path) -> None:
+    """Under torchrun the processes share the offline work: the import saves what one process saves
+    (each process its own files), and the export writes the source's own files back."""
+    name, layout = "qwen35-moe", ["--tp", "2", "--ep", "2"]
+    hf = tiny_checkpoint(name)
+    bridgecore(name, "import", hf, tmp_path / "one", "--offline", *layout)
+    bridgecore(name, "import", hf, tmp_path / "two", "--offline", *layout, ranks=2)
+    assert sorted(p.name for p in (tmp_path / "two" / RELEASE).glob("__*.distcp"))[-1].startswith("__1_")
+    one, two = _saved(tmp_path / "one", tmp_path), _saved(tmp_path / "two", tmp_path)
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == two[key].dtype and torch.equal(value, two[key]), key
+    bridgecore(name, "export", tmp_path / "two", tmp_path / "hf-two", "--offline", ranks=2)
+    files = sorted(p.name for p in hf.iterdir())
+    assert sorted(p.name for p in (tmp_path / "hf-two").iterdir()) == files
+    assert all((hf / f).read_bytes() == (tmp_path / "hf-two" / f).read_bytes() for f in files)
 
 
 def test_python_api_refuses_an_existing_target_and_leaves_it(tiny_checkpoint, tmp_path: Path) -> None:

@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offline",
         action="store_true",
-        help="one process, no model: stream each tensor into torch_dist chunked for the layout",
+        help="no model: stream each tensor into torch_dist chunked for the layout; one process, or under"
+        " torchrun N processes (on shared storage) each writing a share",
     )
     p.add_argument(
         "--threads",
@@ -494,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offline",
         action="store_true",
-        help="one process, no model: read each param's chunks and stream it to HF (layout flags unused)",
+        help="no model: read each param's chunks and stream it to HF (layout flags unused); one process,"
+        " or under torchrun N processes each writing a share",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_export)

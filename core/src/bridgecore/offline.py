@@ -13,6 +13,12 @@ from models built on the meta device (shapes only), and move one tensor through 
 - export: a meta model at TP=PP=EP=1 says which regions of which saved tensors form each whole
   Megatron param; those regions are read straight from the ``.distcp`` files (whatever layout saved
   them), the mapping turns the param into HF tensors, and the core's ``ShardedWriter`` writes them.
+
+Under ``torchrun`` (on one node or several sharing a file system) the processes split the work: each
+plans the whole conversion alone (the fake process group again), then they join torchrun's group,
+each makes and writes its own share (whole params, balanced by bytes) into one temporary directory,
+and rank 0 commits the result once every share is written. The files are those one process writes,
+but for the torch_dist files' names (one set per process).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from bridgecore.bridge import AutoBridge, exact_cast
 from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import check_target, parse_size, temporary_sibling
 from bridgecore.mapping import Binding
+from bridgecore.megatron import parallel
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.extra_state import add_extra_states
@@ -76,8 +83,8 @@ class _Recipe:
 def _require_no_process_group(what: str) -> None:
     if dist.is_initialized():
         raise BridgeError(
-            f"{what} runs in one process without torch.distributed; run it without torchrun and"
-            " outside a process that already joined a process group"
+            f"{what} plans the conversion with a process group of its own before it joins torchrun's;"
+            " call it in a process that has not joined a process group yet"
         )
 
 
@@ -204,31 +211,93 @@ def stream_to_megatron(
     plan.cover(sorted(names), bridge.hf_keys)
     bridge.waived = plan.waived
 
-    temp = temporary_sibling(out_dir, "tmp")
-    try:
-        (temp / RELEASE).mkdir(parents=True)
-        progress = Progress("offline import", len(recipes), "chunk")
-        with _simulated_rank(0, 1, Layout()), progress:  # megatron's conversion asks for the rank
-            state = mcore_to_pyt_state_dict(saved, False)
-            planner = _StreamingSavePlanner(bridge, recipes, progress)
-            dcp_save(
-                state,
-                storage_writer=file_writer(temp / RELEASE, threads),
-                planner=planner,
-                no_dist=True,
-            )
-            strategy = get_default_save_sharded_strategy()
-            save_config(CheckpointingConfig(strategy.backend, strategy.version), str(temp / RELEASE))
-            torch.save(common, temp / RELEASE / "common.pt")
-        plan.keep_passthrough(temp)
-        publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
-    except BaseException as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        error = write_error(exc, out_dir)
-        if error is None or error is exc:
-            raise
-        raise error from exc
+    with _processes() as (rank, procs):
+        # whole params per process: the chunks of one param are made from one read of it
+        params: dict[tuple[str, int], list[ChunkId]] = {}
+        for chunk_id, recipe in recipes.items():
+            params.setdefault(_StreamingSavePlanner._param_id(recipe), []).append(chunk_id)
+        sizes = {p: recipes[ids[0]].param.tensor.nbytes for p, ids in params.items()}
+        mine = {c for p in _share(sizes, procs)[rank] for c in params[p]}
+        temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
+        try:
+
+            def prepare() -> None:
+                if rank == 0:
+                    (temp / RELEASE).mkdir(parents=True)
+
+            parallel.collective(prepare)  # the others write into it once it exists
+            progress = Progress("offline import", len(mine), "chunk", enabled=rank == 0)
+            # megatron's conversion asks for the rank: a simulated one, or this process's in torchrun's group
+            with _simulated_rank(0, 1, Layout()) if procs == 1 else contextlib.nullcontext(), progress:
+                state = mcore_to_pyt_state_dict(_share_of(saved, mine, rank), False)
+                planner = _StreamingSavePlanner(bridge, {c: recipes[c] for c in mine}, progress)
+                dcp_save(
+                    state,
+                    storage_writer=file_writer(temp / RELEASE, threads),
+                    planner=planner,
+                    no_dist=procs == 1,
+                )
+
+            def finish() -> None:
+                if rank != 0:
+                    return
+                strategy = get_default_save_sharded_strategy()
+                save_config(CheckpointingConfig(strategy.backend, strategy.version), str(temp / RELEASE))
+                torch.save(common, temp / RELEASE / "common.pt")
+                plan.keep_passthrough(temp)
+                publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
+
+            parallel.collective(finish)
+        except BaseException as exc:
+            if rank == 0:
+                shutil.rmtree(temp, ignore_errors=True)
+            error = write_error(exc, out_dir)
+            if error is None or error is exc:
+                raise
+            raise error from exc
     return out_dir
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[tuple[int, int]]:
+    """(this process's rank, how many processes share the work): torchrun's group, joined for the
+    work and left after it, or (0, 1) when run alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield 0, 1
+        return
+    parallel.init_distributed()
+    try:
+        yield parallel.rank(), parallel.world_size()
+    except BaseException:
+        parallel.forget()  # without the final barrier: the other processes may be gone
+        raise
+    parallel.leave()
+
+
+def _share(sizes: dict[Any, int], procs: int) -> list[list[Any]]:
+    """``sizes``' keys split into ``procs`` parts of about equal bytes: the largest first, each onto the
+    lightest part so far (ties to the lower rank); the same on every process."""
+    parts: list[list[Any]] = [[] for _ in range(procs)]
+    loads = [0] * procs
+    for key in sorted(sizes, key=lambda k: (-sizes[k], str(k))):
+        lightest = loads.index(min(loads))
+        parts[lightest].append(key)
+        loads[lightest] += sizes[key]
+    return parts
+
+
+def _share_of(saved: dict[str, list[Any]], mine: set[ChunkId], rank: int) -> dict[str, list[Any]]:
+    """The saved items this process writes: its chunks, and the saved objects on rank 0."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out: dict[str, list[Any]] = {}
+    for key, items in saved.items():
+        kept = [
+            i for i in items if (rank == 0 if isinstance(i, ShardedObject) else (i.key, tuple(i.global_offset)) in mine)
+        ]
+        if kept:
+            out[key] = kept
+    return out
 
 
 def _planner_base() -> type:
@@ -328,8 +397,7 @@ def stream_to_hf(
     for item, param, region in views:
         regions.setdefault(param.name, []).append((item, region))
     buffers = _Buffers(max((t.tensor.nbytes for t, _ in bound), default=0))
-    writer = conversion.hf_writer(out_dir, plan, parse_size(max_shard_size))
-    writer.create()
+    size = parse_size(max_shard_size)
 
     def read(pair: tuple[LocalTensor, Binding]) -> torch.Tensor:
         t = pair[0]
@@ -337,21 +405,46 @@ def stream_to_hf(
         saved.read_param(t.name, regions.get(t.name, []), value)
         return value
 
-    try:
-        for (_, b), value in track(_read_ahead(bound, read), "offline export", "param", total=len(bound)):
-            for piece in b.mapping.to_hf([value], b.capture_dict):
-                dtype = bridge.hf_dtype(piece.name, value.dtype)
-                writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
-            buffers.give(value)
-        conversion.copy_passthrough(writer)
-        if bridge.hf_dir is None:
-            _write_json(Path(writer.temp_dir) / "config.json", bridge.hf_config)
-        writer.commit([writer.written()], side_files_from=bridge.hf_dir, overwrite=overwrite)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        saved.close()
+    with _processes() as (rank, procs):
+        writer = None
+        try:
+            if rank == 0:
+                writer = conversion.hf_writer(out_dir, plan, size)
+                writer.create()
+            temp = parallel.broadcast_object(writer.temp_dir if writer else None)
+            if writer is None:
+                writer = conversion.hf_writer(out_dir, plan, size, temp)
+            order = {t.name: i for i, (t, _) in enumerate(bound)}
+            share = _share({t.name: t.tensor.nbytes for t, _ in bound}, procs)[rank]
+            mine = [bound[i] for i in sorted(order[name] for name in share)]
+
+            def write() -> None:
+                progress = track(_read_ahead(mine, read), "offline export", "param", total=len(mine), enabled=rank == 0)
+                for (_, b), value in progress:
+                    for piece in b.mapping.to_hf([value], b.capture_dict):
+                        dtype = bridge.hf_dtype(piece.name, value.dtype)
+                        writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
+                    buffers.give(value)
+                if rank == 0:
+                    conversion.copy_passthrough(writer)
+
+            parallel.collective(write)
+            written = parallel.all_gather_objects(writer.written())
+
+            def commit() -> None:
+                if rank != 0:
+                    return
+                if bridge.hf_dir is None:
+                    _write_json(Path(writer.temp_dir) / "config.json", bridge.hf_config)
+                writer.commit(written, side_files_from=bridge.hf_dir, overwrite=overwrite)
+
+            parallel.collective(commit)
+        except BaseException:
+            if writer is not None and rank == 0:
+                writer.abort()
+            raise
+        finally:
+            saved.close()
     return out_dir
 
 
