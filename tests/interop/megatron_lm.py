@@ -23,6 +23,7 @@ Run under torchrun (gloo): ``python megatron_lm.py HF_DIR OUT_DIR --iteration N 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 from pathlib import Path
 
@@ -136,17 +137,19 @@ def save_training_checkpoint(
     # fp32 params (Megatron-LM without --bf16): the bf16 HF weights convert exactly.
     bridge = AutoBridge.from_hf_pretrained(hf_dir, params_dtype=torch.float32, plugin=None)
     model = bridge.to_megatron_model(layout)
-    optimizer = _optimizer(model)
     metadata = {
         "singleton_local_shards": False,
         "chained_optim_avoid_prefix": True,
         "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
     }
     state = {"args": run_args(bridge, layout, iteration, out), "checkpoint_version": 3.0, "iteration": iteration}
-    with cpu_compat():
+    with cpu_compat(), contextlib.ExitStack() as hidden:
+        # the output weight an MTP stage never reads is left out of the model's state and the optimizer's
+        for chunk in model:
+            hidden.enter_context(_unused_output_weights_hidden(chunk))
+        optimizer = _optimizer(model)
         for i, chunk in enumerate(model):
-            with _unused_output_weights_hidden(chunk):
-                state["model" if len(model) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+            state["model" if len(model) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
         for key in [k for k in state if k.startswith("model")]:
             if not with_model:
