@@ -8,7 +8,7 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from reliability_support import Result, cli_process, edit_config, rewrite, run_p
 from test_atomic_outputs import snapshot
 
 from bridgecore.bridge import AutoBridge
-from bridgecore.megatron import checkpoint, parallel
+from bridgecore.megatron import checkpoint
 
 Cli = Callable[..., Result]
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -28,14 +28,6 @@ from bridgecore import offline
 _make = offline._StreamingSavePlanner._make
 offline._StreamingSavePlanner._make = lambda self, recipe: (time.sleep(0.3), _make(self, recipe))[1]
 """
-
-
-@pytest.fixture(autouse=True)
-def no_process_group_left() -> Iterator[None]:
-    """A failed in-process run keeps its one-process group (the CLI's process would exit); the offline
-    paths refuse to run inside one."""
-    yield
-    parallel.leave()
 
 
 @pytest.mark.parametrize("flags", [[], ["--offline"]], ids=["default", "offline"])
