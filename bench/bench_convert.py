@@ -182,7 +182,7 @@ def largest_tensor_gb(cfg: dict) -> float:
 
 
 def bench_size(
-    size_gb: float, work: Path, layout: list[str], threads: int, pairs: int, only: list[str]
+    size_gb: float, work: Path, layout: list[str], threads: int, pairs: int, only: list[str], procs: int
 ) -> tuple[list[Run], dict]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = llama_config(size_gb)
@@ -193,6 +193,7 @@ def bench_size(
     warm(hf)
     env = dict(os.environ, BRIDGECORE_PLUGINS="llama_example")
     bc = [str(BIN / "bridgecore")]
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(procs), "-m", "bridgecore"]
     out = work / f"out-{size_gb:g}gb"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -203,6 +204,10 @@ def bench_size(
         f"bridgecore import --offline {' '.join(layout)}": bc
         + ["import", str(hf), str(out / "mg-offline"), "--offline", "--threads", str(threads), *layout],
         "bridgecore export --offline": bc + ["export", str(out / "mg-offline"), str(out / "hf-offline"), "--offline"],
+        f"bridgecore import --offline {' '.join(layout)}, {procs} processes": torchrun
+        + ["import", str(hf), str(out / "mg-offline-n"), "--offline", "--threads", str(threads), *layout],
+        f"bridgecore export --offline, {procs} processes": torchrun
+        + ["export", str(out / "mg-offline-n"), str(out / "hf-offline-n"), "--offline"],
         "peer: transformers from_pretrained + save_pretrained": [
             sys.executable,
             "-c",
@@ -216,6 +221,8 @@ def bench_size(
         "bridgecore export (in memory)": out / "hf-export",
         f"bridgecore import --offline {' '.join(layout)}": out / "mg-offline",
         "bridgecore export --offline": out / "hf-offline",
+        f"bridgecore import --offline {' '.join(layout)}, {procs} processes": out / "mg-offline-n",
+        f"bridgecore export --offline, {procs} processes": out / "hf-offline-n",
         "peer: transformers from_pretrained + save_pretrained": out / "hf-transformers",
     }
     # Paths that hold the whole model need about twice its size; at sizes this machine cannot hold
@@ -305,6 +312,16 @@ def verdicts(runs: list[Run], info: dict) -> list[str]:
         for p in peers:
             verdict = "PASS" if r.seconds < p.seconds else "MISS"
             lines.append(f"{verdict} faster than {p.what}: {r.seconds:.1f} s vs {p.seconds:.1f} s")
+    # the offline paths across processes against one process: throughput per process, and the speed-up
+    for r in ours:
+        one = next((o for o in ours if r.what.startswith(o.what + ",") and "processes" in r.what), None)
+        if one is not None:
+            procs = int(r.what.rsplit(", ", 1)[1].split()[0])
+            speedup, each = one.seconds / r.seconds, r.gb_per_s / procs
+            lines.append(
+                f"INFO {r.what}: {r.seconds:.1f} s vs {one.seconds:.1f} s in one process = {speedup:.2f}x faster;"
+                f" {each:.3f} GB/s per process ({one.gb_per_s:.3f} GB/s alone)"
+            )
     return lines
 
 
@@ -333,6 +350,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bridgecore-bench"), help="scratch directory")
     parser.add_argument("--layout", nargs="*", default=["--tp", "2", "--pp", "2"], help="offline import layout flags")
     parser.add_argument("--threads", type=int, default=2, help="offline import writer threads")
+    parser.add_argument("--processes", type=int, default=2, help="processes of the torchrun offline rows (default 2)")
     parser.add_argument("--pairs", type=int, default=3, help="counted (limit, command) pairs after a warm-up pair")
     parser.add_argument(
         "--only",
@@ -345,7 +363,7 @@ def main() -> int:
     args = parser.parse_args()
     all_runs, infos, lines = [], [], []
     for size in args.sizes:
-        runs, info = bench_size(size, args.work, args.layout, args.threads, args.pairs, args.only)
+        runs, info = bench_size(size, args.work, args.layout, args.threads, args.pairs, args.only, args.processes)
         all_runs += runs
         infos.append(info)
         lines += [f"[{size:g} GB] {line}" for line in verdicts(runs, info)]
