@@ -99,10 +99,10 @@ def write_checkpoint(out: Path, cfg: dict, shard_bytes: int = 2 * 10**9) -> None
     """Random-looking bf16 tensors (one random block tiled) in HF shards, written one shard at a time."""
     import torch
     from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bridgecore_llama_example import tensor_shapes
-
-    shapes = tensor_shapes(cfg)
+    with torch.device("meta"):  # transformers' own names and shapes, no memory
+        shapes = {n: tuple(t.shape) for n, t in LlamaForCausalLM(LlamaConfig(**cfg)).state_dict().items()}
     block = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     out.mkdir(parents=True)
     groups, size = [[]], 0
