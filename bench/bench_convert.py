@@ -319,7 +319,7 @@ def verdicts(runs: list[Run], info: dict) -> list[str]:
             procs = int(r.what.rsplit(", ", 1)[1].split()[0])
             speedup, each = one.seconds / r.seconds, r.gb_per_s / procs
             lines.append(
-                f"INFO {r.what}: {r.seconds:.1f} s vs {one.seconds:.1f} s in one process = {speedup:.2f}x faster;"
+                f"INFO {r.what}: {r.seconds:.1f} s vs {one.seconds:.1f} s in one process, speed-up {speedup:.2f}x;"
                 f" {each:.3f} GB/s per process ({one.gb_per_s:.3f} GB/s alone)"
             )
     return lines
