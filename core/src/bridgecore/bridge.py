@@ -25,7 +25,7 @@ from bridgecore.conversion import ConversionPlan
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import read_config
 from bridgecore.hf.reader import INDEX_FILE, CheckpointReader
-from bridgecore.hf.writer import check_target, parse_size
+from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
 from bridgecore.mapping import Binding, HFPiece, MappingTable
 from bridgecore.megatron import parallel
 from bridgecore.megatron.build import build_chunks
@@ -565,41 +565,16 @@ class AutoBridge:
         parallel.collective(check_target, out_dir, overwrite)
         bound = parallel.collective(self.bind, model, None)
         plan = parallel.collective(self.plan, bound)
-        size = parse_size(max_shard_size)
         conversion = self._conversion()
-        writer = None
-        try:
-            if parallel.rank() == 0:
-                writer = conversion.hf_writer(out_dir, plan, size)
-                writer.create()
-            temp = parallel.broadcast_object(writer.temp_dir if writer else None)
-            if writer is None:
-                writer = conversion.hf_writer(out_dir, plan, size, temp)
 
-            def write() -> None:
-                for t, b in track(bound, "export", "tensor", enabled=parallel.rank() == 0):
-                    pieces = self._pieces(t, b)
-                    if t.writer:
-                        for p in pieces:
-                            writer.write(p.name, p.tensor, expert=p.expert)
-                if parallel.rank() == 0:
-                    conversion.copy_passthrough(writer)
+        def write(writer: ShardedWriter) -> None:
+            for t, b in track(bound, "export", "tensor", enabled=parallel.rank() == 0):
+                pieces = self._pieces(t, b)
+                if t.writer:
+                    for p in pieces:
+                        writer.write(p.name, p.tensor, expert=p.expert)
 
-            parallel.collective(write)
-            written = parallel.all_gather_objects(writer.written())
-
-            def commit() -> None:
-                if parallel.rank() != 0:
-                    return
-                if self.hf_dir is None:
-                    _write_json(Path(writer.temp_dir) / "config.json", self.hf_config)
-                writer.commit(written, side_files_from=self.hf_dir, overwrite=overwrite)
-
-            parallel.collective(commit)
-        except BaseException:
-            if writer is not None and parallel.rank() == 0:
-                writer.abort()
-            raise
+        conversion.write_hf(out_dir, plan, parse_size(max_shard_size), write, overwrite)
         return out_dir
 
 
@@ -618,9 +593,3 @@ def _gathered_pieces(bridge: AutoBridge, bound: list[tuple[LocalTensor, Binding]
                 p for part in parallel.all_gather_objects(pieces, ps.get_expert_model_parallel_group()) for p in part
             ]
         yield pieces
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    import json
-
-    path.write_text(json.dumps(obj, indent=2) + "\n")

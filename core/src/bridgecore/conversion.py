@@ -11,12 +11,14 @@ missed by the other:
 - ``passthrough`` names what the plugin keeps verbatim: left out of strict coverage, kept beside a
   Megatron checkpoint and copied unchanged into every HF export;
 - :meth:`ConversionPlan.cover` checks strict coverage, waiving the user's ``--allow-unmapped``;
-- :meth:`ConversionPlan.hf_writer` lays out the HF export, restoring the source's shard files.
+- :meth:`ConversionPlan.hf_writer` lays out the HF export, restoring the source's shard files, and
+  :meth:`ConversionPlan.write_hf` writes it with every rank (or process) that shares the work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,7 @@ from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import PlanEntry, ShardedWriter
 from bridgecore.mapping import MappingTable
 from bridgecore.mapping.table import Coverage
+from bridgecore.megatron import parallel
 from bridgecore.megatron.parallel import Layout
 
 if TYPE_CHECKING:
@@ -89,6 +92,50 @@ class ConversionPlan:
             writer.commit([writer.written()])
         except BaseException:
             writer.abort()
+            raise
+
+    def write_hf(
+        self,
+        out_dir: Path,
+        entries: Sequence[PlanEntry],
+        max_shard_size: int,
+        write: Callable[[ShardedWriter], None],
+        overwrite: bool = False,
+    ) -> None:
+        """The HF export ``entries``, written by every rank of the current process group (or by this
+        process alone): rank 0 makes the writer's temporary directory, each rank attaches to it and runs
+        ``write`` (its share), rank 0 adds the passthrough tensors and, once every share is written,
+        commits. A failure on any rank fails every rank and leaves ``out_dir`` as it was."""
+        rank = parallel.rank()
+        writer = None
+        try:
+            if rank == 0:
+                writer = self.hf_writer(out_dir, entries, max_shard_size)
+                writer.create()
+            temp = parallel.broadcast_object(writer.temp_dir if writer else None)
+            if writer is None:
+                writer = self.hf_writer(out_dir, entries, max_shard_size, temp)
+
+            def share() -> None:
+                write(writer)
+                if rank == 0:
+                    self.copy_passthrough(writer)
+
+            parallel.collective(share)
+            written = parallel.all_gather_objects(writer.written())
+
+            def commit() -> None:
+                if rank != 0:
+                    return
+                if self.bridge.hf_dir is None:
+                    text = json.dumps(self.bridge.hf_config, indent=2) + "\n"
+                    (Path(writer.temp_dir) / "config.json").write_text(text)
+                writer.commit(written, side_files_from=self.bridge.hf_dir, overwrite=overwrite)
+
+            parallel.collective(commit)
+        except BaseException:
+            if writer is not None and rank == 0:
+                writer.abort()
             raise
 
     def copy_passthrough(self, writer: ShardedWriter) -> None:

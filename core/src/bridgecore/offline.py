@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from bridgecore.bridge import AutoBridge, exact_cast
 from bridgecore.errors import BridgeError
-from bridgecore.hf.writer import check_target, parse_size, temporary_sibling
+from bridgecore.hf.writer import ShardedWriter, check_target, parse_size, temporary_sibling
 from bridgecore.mapping import Binding
 from bridgecore.megatron import parallel
 from bridgecore.megatron.checkpoint import exact_storage
@@ -373,7 +373,6 @@ def stream_to_hf(
     Without ``hf_config`` the checkpoint is one ``bridgecore import`` wrote; with it, any Megatron
     checkpoint of that model (a training run's ``iteration``, default the tracker's), read for its
     model weights only."""
-    from bridgecore.bridge import _write_json
     from bridgecore.megatron import training
 
     _require_no_process_group("offline export")
@@ -406,43 +405,20 @@ def stream_to_hf(
         return value
 
     with _processes() as (rank, procs):
-        writer = None
+        order = {t.name: i for i, (t, _) in enumerate(bound)}
+        share = _share({t.name: t.tensor.nbytes for t, _ in bound}, procs)[rank]
+        mine = [bound[i] for i in sorted(order[name] for name in share)]
+
+        def write(writer: ShardedWriter) -> None:
+            progress = track(_read_ahead(mine, read), "offline export", "param", total=len(mine), enabled=rank == 0)
+            for (_, b), value in progress:
+                for piece in b.mapping.to_hf([value], b.capture_dict):
+                    dtype = bridge.hf_dtype(piece.name, value.dtype)
+                    writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
+                buffers.give(value)
+
         try:
-            if rank == 0:
-                writer = conversion.hf_writer(out_dir, plan, size)
-                writer.create()
-            temp = parallel.broadcast_object(writer.temp_dir if writer else None)
-            if writer is None:
-                writer = conversion.hf_writer(out_dir, plan, size, temp)
-            order = {t.name: i for i, (t, _) in enumerate(bound)}
-            share = _share({t.name: t.tensor.nbytes for t, _ in bound}, procs)[rank]
-            mine = [bound[i] for i in sorted(order[name] for name in share)]
-
-            def write() -> None:
-                progress = track(_read_ahead(mine, read), "offline export", "param", total=len(mine), enabled=rank == 0)
-                for (_, b), value in progress:
-                    for piece in b.mapping.to_hf([value], b.capture_dict):
-                        dtype = bridge.hf_dtype(piece.name, value.dtype)
-                        writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
-                    buffers.give(value)
-                if rank == 0:
-                    conversion.copy_passthrough(writer)
-
-            parallel.collective(write)
-            written = parallel.all_gather_objects(writer.written())
-
-            def commit() -> None:
-                if rank != 0:
-                    return
-                if bridge.hf_dir is None:
-                    _write_json(Path(writer.temp_dir) / "config.json", bridge.hf_config)
-                writer.commit(written, side_files_from=bridge.hf_dir, overwrite=overwrite)
-
-            parallel.collective(commit)
-        except BaseException:
-            if writer is not None and rank == 0:
-                writer.abort()
-            raise
+            conversion.write_hf(out_dir, plan, size, write, overwrite)
         finally:
             saved.close()
     return out_dir
