@@ -95,13 +95,17 @@ def test_python_api_export_iterator_equals_source(llama_dir: Path) -> None:
     import bridgecore_llama_example
     from bridgecore.bridge import AutoBridge
     from bridgecore.hf.reader import CheckpointReader
+    from bridgecore.megatron import parallel
     from bridgecore.plugins import Plugins
 
     plugins = Plugins(load_entry_points=False)
     plugins.register(bridgecore_llama_example, name="llama_example")
     bridge = AutoBridge.from_hf_pretrained(llama_dir, plugins=plugins)
-    model = bridge.to_megatron_model()
-    exported = dict(bridge.export_hf_weights(model))
+    try:
+        model = bridge.to_megatron_model()
+        exported = dict(bridge.export_hf_weights(model))
+    finally:
+        parallel.leave()  # the one-process group the model needed: later tests in this process start afresh
     with CheckpointReader(llama_dir) as source:
         assert set(exported) == set(source.keys())
         for name in source.keys():

@@ -129,7 +129,10 @@ def test_file_size_limit_import_fails_in_one_line(llama_dir: Path, tmp_path: Pat
 
 def test_ctrl_c_during_offline_import(llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = cli_process("import", llama_dir, out, "--offline", prelude=SLOW_OFFLINE)
+    # Ctrl-C at a terminal: a runner started as a background job (SIGINT ignored, which children inherit)
+    # would otherwise drop the signal before bridgecore sees it.
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = cli_process("import", llama_dir, out, "--offline", prelude=SLOW_OFFLINE, preexec_fn=restore)
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob(".out.tmp-*")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
