@@ -250,12 +250,10 @@ def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
     """megatron-core's load of ``state`` from ``release``, its model tensors only (``common.pt`` is left
     unread); files that do not describe this model (a ``.metadata`` of another checkpoint, chunks that
     are not where it says) are one line naming them."""
-    from megatron.core import dist_checkpointing
-
-    from bridgecore.megatron.training import ModelOnlyCommonLoad
+    from bridgecore.megatron.training import load_model_only
 
     try:
-        return dist_checkpointing.load(state, str(release), common_strategy=ModelOnlyCommonLoad())
+        return load_model_only(state, release)
     except BridgeError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to read the files is the same refusal

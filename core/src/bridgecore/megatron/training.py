@@ -312,15 +312,28 @@ def bridge_for(
     return bridge
 
 
-def _common_load_base() -> type:
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+def load_model_only(state: dict[str, Any], release: Path) -> dict[str, Any]:
+    """megatron-core's load of ``state`` from ``release`` with ``common.pt`` left unread: the model's
+    tensors need nothing from it (args, scheduler and optimizer param groups stay on disk), and a
+    Megatron-LM ``common.pt`` pickles ``args``, which a weights-only load refuses. megatron-core 0.16
+    takes a common-load strategy for that; 0.19 reads the common state itself, which is skipped here
+    for the call."""
+    import inspect
 
-    return TorchCommonLoadStrategy
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization
 
+    if "common_strategy" in inspect.signature(dist_checkpointing.load).parameters:
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
-class ModelOnlyCommonLoad(_common_load_base()):
-    """megatron-core's common load without ``common.pt``: the model's tensors need nothing from it
-    (args, scheduler and optimizer param groups stay on disk)."""
+        class ModelOnlyCommonLoad(TorchCommonLoadStrategy):
+            def load_common(self, checkpoint_dir: str | Path) -> dict[str, Any]:
+                return {}
 
-    def load_common(self, checkpoint_dir: str | Path) -> dict[str, Any]:
-        return {}
+        return dist_checkpointing.load(state, str(release), common_strategy=ModelOnlyCommonLoad())
+    read_common = serialization.load_common_state_dict
+    serialization.load_common_state_dict = lambda checkpoint_dir: {}
+    try:
+        return dist_checkpointing.load(state, str(release))
+    finally:
+        serialization.load_common_state_dict = read_common
