@@ -170,6 +170,7 @@ def stream_to_megatron(
     writer threads each make and write their own chunks.
     """
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.serialization import (
         get_default_save_sharded_strategy,
     )
@@ -178,7 +179,7 @@ def stream_to_megatron(
     )
     from torch.distributed.checkpoint import save as dcp_save
 
-    from bridgecore.megatron.checkpoint import RELEASE, publish
+    from bridgecore.megatron.checkpoint import COMMON_FILE, COMMON_STATE, RELEASE, common_in_shards, publish
 
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
@@ -210,6 +211,9 @@ def stream_to_megatron(
                 saved.setdefault(item.key, []).append(item)
     plan.cover(sorted(names), bridge.hf_keys)
     bridge.waived = plan.waived
+    if common_in_shards():  # where the installed megatron-core's own save puts it
+        state = ShardedObject(COMMON_STATE, common, (1,), (0,), replica_id=0)
+        saved[state.unique_key] = [state]
 
     with _processes() as (rank, procs):
         # whole params per process: the chunks of one param are made from one read of it
@@ -243,7 +247,8 @@ def stream_to_megatron(
                     return
                 strategy = get_default_save_sharded_strategy()
                 save_config(CheckpointingConfig(strategy.backend, strategy.version), str(temp / RELEASE))
-                torch.save(common, temp / RELEASE / "common.pt")
+                if not common_in_shards():
+                    torch.save(common, temp / RELEASE / COMMON_FILE)
                 plan.keep_passthrough(temp)
                 publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
 

@@ -35,6 +35,10 @@ RELEASE = "release"
 META = "bridgecore.json"
 SIDE = "hf"
 PASSTHROUGH = "passthrough"
+#: Where megatron-core keeps a save's common (non-sharded) state: ``common.pt`` (0.16), or this
+#: ShardedObject inside the ``.distcp`` files (0.19, which still reads a ``common.pt`` where it finds one).
+COMMON_FILE = "common.pt"
+COMMON_STATE = "common_state"
 
 
 def _state_key(index: int, chunks: list[torch.nn.Module]) -> str:
@@ -225,18 +229,53 @@ def read_dcp_metadata(release: Path) -> Any:
         return _MetadataUnpickler(file).load()
 
 
+def common_in_shards() -> bool:
+    """Whether the installed megatron-core saves the common state inside the ``.distcp`` files (0.19, whose
+    save and load dropped the common strategies that read and write ``common.pt``)."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return "common_strategy" not in inspect.signature(dist_checkpointing.load).parameters
+
+
+def read_common(release: Path, metadata: Any | None = None) -> tuple[Any, str] | None:
+    """The common state of a torch_dist save and where it was read, from ``common.pt`` or from the
+    ``common_state`` object of the ``.distcp`` files (whichever megatron-core version wrote it), through
+    torch's ``weights_only`` loader; None if the save has neither."""
+    import io
+
+    common = release / COMMON_FILE
+    if common.exists():
+        return torch.load(common, map_location="cpu", weights_only=True), str(common)
+    metadata = read_dcp_metadata(release) if metadata is None else metadata
+    found = [(i, info) for i, info in metadata.storage_data.items() if i.fqn.split("/")[0] == COMMON_STATE]
+    if not found:
+        return None
+    if len(found) > 1 or found[0][1].transform_descriptors:
+        raise BridgeError(f"{release}/.metadata: {COMMON_STATE} is saved in {len(found)} parts or transformed")
+    index, info = found[0]
+    where = release / info.relative_path
+    with open(where, "rb") as file:
+        file.seek(info.offset)
+        data = file.read(info.length)
+    if len(data) != info.length:
+        raise BridgeError(f"{where}: ends before the end of {index.fqn} at byte {info.offset + info.length}")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return (state[0] if isinstance(state, list) and state else state), f"{where} ({index.fqn})"
+
+
 def check_pickles(release: Path) -> None:
     """Refuse a torch_dist checkpoint whose pickles could run code, before megatron-core unpickles them.
 
-    ``.metadata`` is unpickled with an allowlist of its own classes; ``common.pt`` with torch's
-    ``weights_only`` loader (megatron-core registers its few classes there), whatever
-    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
+    ``.metadata`` is unpickled with an allowlist of its own classes; the common state (``common.pt``,
+    or megatron-core 0.19's ``common_state`` object) with torch's ``weights_only`` loader
+    (megatron-core registers its few classes there), whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
     """
-    common = release / "common.pt"
     try:
-        read_dcp_metadata(release)
-        if common.exists():
-            torch.load(common, map_location="cpu", weights_only=True)
+        read_common(release, read_dcp_metadata(release))
+    except BridgeError:
+        raise
     except FileNotFoundError as err:
         raise BridgeError(f"{err.filename}: missing; expected a complete torch_dist checkpoint") from None
     except Exception as err:  # noqa: BLE001 - any failure to read safely is the same refusal

@@ -2,11 +2,12 @@
 
     <dir>/latest_checkpointed_iteration.txt   "100" (the last saved iteration) or "release"
     <dir>/iter_0000100/                       one torch_dist save of model, optimizer and RNG state;
-                                              its common.pt holds the run's ``args`` and the scheduler
+                                              its common state (common.pt, or megatron-core 0.19's
+                                              common_state object) holds the run's ``args``
     <dir>/release/
 
 Only the model's tensors are read: the load asks megatron-core for the model's own sharded keys,
-so optimizer and RNG chunks stay on disk, and ``common.pt`` is read once, through torch's
+so optimizer and RNG chunks stay on disk, and the common state is read once, through torch's
 ``weights_only`` unpickler and megatron-core's allowlist, for the ``args`` that say the model sizes.
 Those sizes, the layer count and every saved tensor's global shape are checked against the HF
 config before anything is loaded or written.
@@ -112,21 +113,21 @@ def saved_metadata(path: Path) -> Any:
     return read_dcp_metadata(path)
 
 
-def saved_args(path: Path) -> Any | None:
-    """The ``args`` namespace a Megatron-LM run saved in ``common.pt``, if any (vetted by ``check_pickles``)."""
+def saved_args(path: Path) -> tuple[Any, str] | None:
+    """The ``args`` namespace a Megatron-LM run saved in its common state, and where; None if it saved
+    none (vetted by ``check_pickles``)."""
     import megatron.core  # noqa: F401 - registers megatron-core's classes with torch's weights_only loader
 
-    common = path / "common.pt"
-    if not common.is_file():
+    from bridgecore.megatron.checkpoint import read_common
+
+    found = read_common(path)
+    if found is None or not isinstance(found[0], dict) or found[0].get("args") is None:
         return None
-    state = torch.load(common, map_location="cpu", weights_only=True)
-    return state.get("args") if isinstance(state, dict) else None
+    return found[0]["args"], found[1]
 
 
 def check_args(config: ModelConfig, args: Any, where: str) -> None:
     """Refuse a checkpoint whose saved model sizes differ from the HF config's, naming the first one."""
-    if args is None:
-        return
     fields = dict(ARGS_SIZES)
     if getattr(args, "group_query_attention", False):
         fields["num_query_groups"] = "num_query_groups"
@@ -308,7 +309,9 @@ def bridge_for(
     )
     if reader is None:
         bridge.float_dtype = _config_dtype(config, path / CONFIG_FILE)
-    check_args(bridge.config, saved_args(torch_dist), str(torch_dist / "common.pt"))
+    args = saved_args(torch_dist)
+    if args is not None:
+        check_args(bridge.config, *args)
     return bridge
 
 
@@ -318,12 +321,12 @@ def load_model_only(state: dict[str, Any], release: Path) -> dict[str, Any]:
     Megatron-LM ``common.pt`` pickles ``args``, which a weights-only load refuses. megatron-core 0.16
     takes a common-load strategy for that; 0.19 reads the common state itself, which is skipped here
     for the call."""
-    import inspect
-
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import serialization
 
-    if "common_strategy" in inspect.signature(dist_checkpointing.load).parameters:
+    from bridgecore.megatron.checkpoint import common_in_shards
+
+    if not common_in_shards():
         from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
         class ModelOnlyCommonLoad(TorchCommonLoadStrategy):
