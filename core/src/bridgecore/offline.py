@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import math
 import os
-import shutil
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,7 @@ import torch.distributed as dist
 
 from bridgecore.bridge import AutoBridge, exact_cast
 from bridgecore.errors import BridgeError
-from bridgecore.hf.writer import ShardedWriter, check_target, parse_size, temporary_sibling
+from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
 from bridgecore.mapping import Binding
 from bridgecore.megatron import parallel
 from bridgecore.megatron.checkpoint import exact_storage
@@ -49,7 +48,7 @@ from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
-from bridgecore.megatron.save import file_writer, write_error
+from bridgecore.megatron.save import file_writer
 from bridgecore.progress import Progress, track
 
 ChunkId = tuple[str, tuple[int, ...]]
@@ -179,7 +178,14 @@ def stream_to_megatron(
     )
     from torch.distributed.checkpoint import save as dcp_save
 
-    from bridgecore.megatron.checkpoint import COMMON_FILE, COMMON_STATE, RELEASE, common_in_shards, publish
+    from bridgecore.megatron.checkpoint import (
+        COMMON_FILE,
+        COMMON_STATE,
+        RELEASE,
+        common_in_shards,
+        publish,
+        staged_release,
+    )
 
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
@@ -222,14 +228,7 @@ def stream_to_megatron(
             params.setdefault(_StreamingSavePlanner._param_id(recipe), []).append(chunk_id)
         sizes = {p: recipes[ids[0]].param.tensor.nbytes for p, ids in params.items()}
         mine = {c for p in _share(sizes, procs)[rank] for c in params[p]}
-        temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
-        try:
-
-            def prepare() -> None:
-                if rank == 0:
-                    (temp / RELEASE).mkdir(parents=True)
-
-            parallel.collective(prepare)  # the others write into it once it exists
+        with staged_release(out_dir) as temp:  # the others write into it once rank 0 made it
             progress = Progress("offline import", len(mine), "chunk", enabled=rank == 0)
             # megatron's conversion asks for the rank: a simulated one, or this process's in torchrun's group
             with _simulated_rank(0, 1, Layout()) if procs == 1 else contextlib.nullcontext(), progress:
@@ -253,13 +252,6 @@ def stream_to_megatron(
                 publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
 
             parallel.collective(finish)
-        except BaseException as exc:
-            if rank == 0:
-                shutil.rmtree(temp, ignore_errors=True)
-            error = write_error(exc, out_dir)
-            if error is None or error is exc:
-                raise
-            raise error from exc
     return out_dir
 
 

@@ -128,14 +128,7 @@ def save_dist(
     from megatron.core import dist_checkpointing
 
     parallel.collective(check_target, out_dir, overwrite)
-    temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
-    try:
-
-        def prepare() -> None:
-            if parallel.rank() == 0:
-                (temp / RELEASE).mkdir(parents=True)
-
-        parallel.collective(prepare)
+    with staged_release(out_dir) as temp:
         state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
         with cpu_compat():
             for i, chunk in enumerate(chunks):
@@ -153,6 +146,22 @@ def save_dist(
                 publish(temp, out_dir, meta, side_files_from, overwrite)
 
         parallel.collective(finish)
+
+
+@contextlib.contextmanager
+def staged_release(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir``, the same on every rank, with its ``release/`` made by rank 0
+    before any rank writes (a collective). On a failure rank 0 removes it, and an error of the save is
+    re-raised as one line naming ``out_dir``."""
+    temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
+    try:
+
+        def prepare() -> None:
+            if parallel.rank() == 0:
+                (temp / RELEASE).mkdir(parents=True)
+
+        parallel.collective(prepare)
+        yield temp
     except BaseException as exc:
         if parallel.rank() == 0:
             shutil.rmtree(temp, ignore_errors=True)
