@@ -123,8 +123,9 @@ def test_file_size_limit_import_fails_in_one_line(llama_dir: Path, tmp_path: Pat
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     line = run_process("import", llama_dir, out, *flags, preexec_fn=limit).error_line()
-    assert f"{out}: writing the torch_dist checkpoint failed (File too large" in line
-    assert "bytes free on that disk" in line and siblings(out) == []
+    # the cause as the writer reports it: EFBIG, or (torch.save's writer on megatron-core 0.19) a bad position
+    assert f"{out}: writing the torch_dist checkpoint failed (" in line
+    assert "bytes free on that disk, a file size limit of 20000 bytes (ulimit -f)" in line and siblings(out) == []
 
 
 def test_ctrl_c_during_offline_import(llama_dir: Path, tmp_path: Path) -> None:

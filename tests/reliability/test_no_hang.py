@@ -80,4 +80,7 @@ def test_rank_killed_mid_save_ends_every_rank_in_one_line(llama_dir: Path, tmp_p
     assert len(errors) == 1 and errors[0].startswith("bridgecore: error: rank 0:"), done.stderr[-3000:]
     # rank 0 sees its collective fail ("another rank died"), or torchrun stops it first ("another rank failed")
     assert "another rank died" in errors[0] or "stopped by SIGTERM (under torchrun: another rank failed" in errors[0]
-    assert siblings(out) == []
+    left = sorted(
+        str(p.relative_to(tmp_path)) for s in siblings(out) for p in [tmp_path / s, *(tmp_path / s).rglob("*")]
+    )
+    assert left == [], (left, done.stderr[-3000:])

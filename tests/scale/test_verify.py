@@ -33,8 +33,11 @@ def test_verify_at_a_parallel_layout(tiny_checkpoint, name: str, layout: list[st
 def test_verify_refuses_pipeline_parallelism_in_one_line(tiny_checkpoint) -> None:
     done = bridgecore("llama-example", "verify", tiny_checkpoint("llama-example"), "--pp", "2", check=False)
     assert done.returncode == 2
-    assert done.stderr.startswith("bridgecore: error: verify --pp 2: logits across pipeline stages need")
-    assert len(done.stderr.strip().splitlines()) == 1
+    # torch's CUDA build (the megatron-core 0.19 row) warns on stderr that it finds no CUDA runtime
+    lines = [line for line in done.stderr.splitlines() if "No CUDA runtime is found" not in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "bridgecore: error: verify --pp 2: logits across pipeline stages need"
+    )
 
 
 def test_a_failed_verify_is_a_cli_error(tiny_checkpoint) -> None:

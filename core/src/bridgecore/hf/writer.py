@@ -94,6 +94,23 @@ def temporary_sibling(out_dir: Path, kind: str) -> Path:
     return out_dir.parent / f"{temporary_prefix(out_dir, kind)}{secrets.token_hex(4)}"
 
 
+def remove_temporary(path: Path) -> None:
+    """Remove a temporary directory whole, holding SIGINT and SIGTERM until it is gone (then they are
+    delivered): under torchrun the SIGTERM that stops a failed run's other ranks often arrives while
+    rank 0 is removing its temporary output, and used to leave part of it behind."""
+    import signal
+    import threading
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main else None
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def leftover_temporaries(out_dir: Path) -> list[Path]:
     """The hidden siblings of `out_dir` (`.<name>.tmp-*`, `.old-*`, `.staging-*`) that interrupted runs leave."""
     out_dir = Path(out_dir)
@@ -228,7 +245,7 @@ class ShardedWriter:
         """Remove the temporary directory; the output path is left as it was."""
         self._close_files()
         if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            remove_temporary(self.temp_dir)
             self.temp_dir = None
 
     def _placement(self, name: str) -> Placement:

@@ -24,7 +24,7 @@ import torch
 
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import copy_side_files
-from bridgecore.hf.writer import check_target, temporary_sibling
+from bridgecore.hf.writer import check_target, remove_temporary, temporary_sibling
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.extra_state import add_extra_states
@@ -164,7 +164,7 @@ def staged_release(out_dir: Path) -> Iterator[Path]:
         yield temp
     except BaseException as exc:
         if parallel.rank() == 0:
-            shutil.rmtree(temp, ignore_errors=True)
+            remove_temporary(temp)
         error = write_error(exc, out_dir)
         if error is None or error is exc:
             raise

@@ -10,6 +10,7 @@ to torch's ``FileSystemWriter``, whose threads raise into the save when they fai
 
 from __future__ import annotations
 
+import resource
 import shutil
 import threading
 from pathlib import Path
@@ -112,7 +113,10 @@ def write_error(exc: BaseException, out_dir: Path) -> BaseException | None:
     else:
         detail = f"{type(cause).__name__}: {' '.join(str(cause).split())[:200]}"
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    # torch.save's writer may report a refused write as a bad position, not as the OSError behind it
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit_note = f", a file size limit of {limit} bytes (ulimit -f)" if limit != resource.RLIM_INFINITY else ""
     return BridgeError(
         f"{out_dir}: writing the torch_dist checkpoint failed ({detail};"
-        f" {shutil.disk_usage(existing).free} bytes free on that disk); the output path was left as it was"
+        f" {shutil.disk_usage(existing).free} bytes free on that disk{limit_note}); the output path was left as it was"
     )
