@@ -1,16 +1,18 @@
 """With NVIDIA ModelOpt itself: what it calibrates imports, and what bridgecore exports equals its export.
 
-A tiny Qwen3.5 dense model is loaded with transformers and calibrated on CPU by ``mtq.quantize``
-(``FP8_DEFAULT_CFG`` + ``FP8_KV_CFG``, and ``NVFP4_DEFAULT_CFG``; max calibration), then written
-twice: by ``save_pretrained`` (bf16 weights and ``*_quantizer._amax``, the checkpoint bridgecore
-imports) and by ModelOpt's ``export_hf_checkpoint`` (the reference). bridgecore imports the first
-at TP 2, round-trips it bit-exact and exports it with ``--quant``; every tensor, its dtype and every
-``hf_quant_config.json`` / ``quantization_config`` field must equal the reference (the producer
-names the tool). MTP is off: transformers builds no MTP layers, so ModelOpt never sees their weights.
+Tiny Qwen3.5 dense and MoE models are loaded with transformers and calibrated on CPU by
+``mtq.quantize`` (``FP8_DEFAULT_CFG`` + ``FP8_KV_CFG``, and ``NVFP4_DEFAULT_CFG``; max calibration),
+then written twice: by ``save_pretrained`` (bf16 weights and ``*_quantizer._amax``, the checkpoint
+bridgecore imports) and by ModelOpt's ``export_hf_checkpoint`` (the reference). bridgecore imports the
+first at TP 2 (x EP 2 for the MoE), round-trips it bit-exact and exports it with ``--quant``; every
+tensor, its dtype and every ``hf_quant_config.json`` / ``quantization_config`` field must equal the
+reference (the producer names the tool). MTP is off: transformers builds no MTP layers, so ModelOpt
+never sees their weights.
 
-The MoE tiny shows the limit: ModelOpt names the quantizers of transformers' fused experts after
-modules the checkpoint lacks, which import refuses in one line. Runs only where nvidia-modelopt is
-installed (``nox -s tests-modelopt``).
+The MoE's routed experts are transformers' fused experts: ModelOpt names their amax after the fused
+modules (one weight amax per expert, one input amax shared by a layer's experts) while the weights
+keep the checkpoint's per-expert names. Runs only where nvidia-modelopt is installed
+(``nox -s tests-modelopt``).
 """
 
 from __future__ import annotations
@@ -51,11 +53,16 @@ def modelopt_calibrated(family: str, fmt: str, out: Path) -> tuple[Path, Path]:
     return out / "saved", out / "modelopt"
 
 
-@pytest.fixture(scope="module", params=["fp8", "nvfp4"])
-def dense(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
-    fmt = request.param
-    saved, reference = modelopt_calibrated("qwen35-dense", fmt, tmp_path_factory.mktemp(f"modelopt-{fmt}"))
-    return fmt, saved, reference
+#: (family, format) calibrated, and the layout the Megatron side runs at: TP 2, and EP 2 for the MoE.
+CASES = [("qwen35-dense", "fp8"), ("qwen35-dense", "nvfp4"), ("qwen35-moe", "fp8"), ("qwen35-moe", "nvfp4")]
+LAYOUT = {"qwen35-dense": ["--tp", "2"], "qwen35-moe": ["--tp", "2", "--ep", "2"]}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{fmt}" for f, fmt in CASES])
+def calibrated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path, Path]:
+    family, fmt = request.param
+    saved, reference = modelopt_calibrated(family, fmt, tmp_path_factory.mktemp(f"modelopt-{family}-{fmt}"))
+    return family, fmt, saved, reference
 
 
 def assert_same_files(got: Path, want: Path) -> None:
@@ -73,38 +80,32 @@ def assert_same_files(got: Path, want: Path) -> None:
     assert ours_c | {"producer": None} == theirs_c | {"producer": None}
 
 
-def test_modelopt_checkpoint_roundtrips_bit_exact(dense, tmp_path: Path) -> None:
-    fmt, saved, _ = dense
-    result = bridgecore(
-        PLUGINS["qwen35-dense"], "roundtrip", str(saved), "--tp", "2", "--keep", str(tmp_path / "out"), nproc=2
-    )
+def test_modelopt_checkpoint_roundtrips_bit_exact(calibrated, tmp_path: Path) -> None:
+    family, fmt, saved, _ = calibrated
+    out = tmp_path / "out"
+    result = bridgecore(PLUGINS[family], "roundtrip", str(saved), *LAYOUT[family], "--keep", str(out), nproc=2)
     assert "bit-exact" in result.stdout
     # q/k/v and gate/up weight amax differ as ModelOpt calibrates each linear; GDN in_proj_a/b have none
     assert "amax groups differ" in result.stdout and "largest ratio" in result.stdout
     assert "in_proj_b.weight_quantizer._amax; its quantizer is" in result.stdout
-    assert sorted(load_dir(tmp_path / "out")) == sorted(load_dir(saved))
+    assert sorted(load_dir(out)) == sorted(load_dir(saved))
+    if family == "qwen35-moe":
+        # transformers' fused experts: one weight amax per expert, one input amax for all experts of a layer
+        got = load_dir(out)
+        assert "model.layers.0.mlp.experts.gate_up_proj_weight_quantizers.3._amax" in got
+        assert "model.layers.0.mlp.experts.down_proj_input_quantizer._amax" in got
 
 
-def test_export_equals_modelopt_export(dense, tmp_path: Path) -> None:
-    fmt, saved, reference = dense
-    plugins = PLUGINS["qwen35-dense"]
-    bridgecore(plugins, "import", str(saved), str(tmp_path / "megatron"), "--tp", "2", nproc=2)
+def test_export_equals_modelopt_export(calibrated, tmp_path: Path) -> None:
+    family, fmt, saved, reference = calibrated
+    plugins = PLUGINS[family]
+    bridgecore(plugins, "import", str(saved), str(tmp_path / "megatron"), *LAYOUT[family], nproc=2)
     bridgecore(plugins, "export", str(tmp_path / "megatron"), str(tmp_path / fmt), "--quant", fmt)
     assert_same_files(tmp_path / fmt, reference)
 
 
-def test_export_straight_from_the_calibrated_checkpoint_equals_modelopt(dense, tmp_path: Path) -> None:
+def test_export_straight_from_the_calibrated_checkpoint_equals_modelopt(calibrated, tmp_path: Path) -> None:
     from bridgecore_quant.formats import export
 
-    fmt, saved, reference = dense
+    family, fmt, saved, reference = calibrated
     assert_same_files(export(fmt, saved, tmp_path / fmt), reference)
-
-
-def test_fused_experts_are_refused_in_one_line(tmp_path: Path) -> None:
-    saved, _ = modelopt_calibrated("qwen35-moe", "fp8", tmp_path)
-    env_plugins = PLUGINS["qwen35-moe"]
-    with pytest.raises(AssertionError) as failed:
-        bridgecore(env_plugins, "roundtrip", str(saved))
-    message = str(failed.value)
-    assert "bridgecore: error: model.layers.0.mlp.experts." in message
-    assert "fused experts" in message and "Traceback" not in message
