@@ -38,7 +38,7 @@ from bridgecore_quant.amax import (
     module_of,
 )
 
-PRODUCER = {"name": "bridgecore-quant", "version": "0.2.0"}
+PRODUCER = {"name": "bridgecore-quant", "version": "0.3.0"}
 _KV_SCALE = {KV_AMAX[0]: "k_proj.k_scale", KV_AMAX[1]: "v_proj.v_scale"}
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
