@@ -200,30 +200,54 @@ class FusedExpertAmax(Replicated):
 
 
 #: a per-expert HF weight, ``<experts>.{expert}.<leaf>.weight``.
-_PER_EXPERT = re.compile(r"(?P<experts>.+\.experts)\.\{expert\}\.(?P<leaf>[a-z_]+)\.weight")
+_PER_EXPERT = re.compile(r"(?P<experts>.+\.experts)\.\{expert\}\.[a-z_]+\.weight")
+
+
+def _stacked_experts(hf: str, fused: str, kinds: Collection[str]) -> str | None:
+    """The fused experts module whose amax a stacked HF weight (``<layer>.moe.gate_proj.weight``) has.
+
+    A checkpoint of the released layout that transformers reads with renaming (Step-3.7's
+    ``moe.*`` are its ``mlp.experts``) keeps the weights' released names while ModelOpt's amax keep
+    the in-memory module's: the one ``*experts`` module of the same layer that has them.
+    """
+    head, sep, _ = hf.partition("{layer}")
+    if not sep:
+        return None
+    layer = head + "{layer}"
+    pattern = re.compile(
+        rf"{re.escape(skeleton(layer))}\.((?:[a-z_]+\.)*experts)\.{re.escape(fused)}_weight_quantizers\.#\._amax"
+    )
+    found = {m.group(1) for k in kinds if (m := pattern.fullmatch(k))}
+    return f"{layer}.{found.pop()}" if len(found) == 1 else None
 
 
 def fused_expert_amax_mappings(weight: Mapping, kinds: Collection[str]) -> list[Mapping]:
-    """ModelOpt's quantizers on transformers' fused experts, for the per-expert weight mapping ``weight``.
+    """ModelOpt's quantizers on transformers' fused experts, for the expert weight mapping ``weight``.
 
     ModelOpt quantizes transformers' fused experts (``<experts>.gate_up_proj`` ``[E, 2I, H]``,
-    ``<experts>.down_proj``) as they are in memory, and ``save_pretrained`` names their amax after those modules
-    while the weights keep the checkpoint's per-expert names: one weight amax per expert
+    ``<experts>.down_proj``) as they are in memory, and ``save_pretrained`` names their amax after
+    those modules while the weights keep the checkpoint's names (per expert, or stacked under the
+    released layout's names): one weight amax per expert
     (``<experts>.gate_up_proj_weight_quantizers.{e}._amax``, gate and up together) and one input
     amax for all experts of the layer (``<experts>.gate_up_proj_input_quantizer._amax``), which every
     Megatron expert's input quantizer holds a copy of (:class:`~bridgecore.mapping.Broadcast`).
     Empty when the checkpoint has no such amax for ``weight``.
     """
-    found = _PER_EXPERT.fullmatch(weight.hf[0].text) if weight.expert_capture else None
-    if found is None or isinstance(weight, Stacked):
+    inner = weight.inner if isinstance(weight, Stacked) else weight
+    if not inner.expert_capture:
         return []
-    experts = found["experts"]
+    hf = inner.hf[0].text
     # transformers fuses gate and up into ``gate_up_proj``; a single projection keeps its name
-    fused = "gate_up_proj" if len(weight.hf) == 2 else found["leaf"]
+    fused = "gate_up_proj" if len(inner.hf) == 2 else module_of(hf).rsplit(".", 1)[-1]
+    if isinstance(weight, Stacked):
+        experts = _stacked_experts(hf, fused, kinds)
+    else:
+        found = _PER_EXPERT.fullmatch(hf)
+        experts = found["experts"] if found else None
     weight_amax = f"{experts}.{fused}_weight_quantizers.{{expert}}._amax"
-    if skeleton(weight_amax) not in kinds:
+    if experts is None or skeleton(weight_amax) not in kinds:
         return []
-    module, layers = module_of(weight.megatron.text), weight.layers
+    module, layers = module_of(inner.megatron.text), inner.layers
     return [
         FusedExpertAmax(f"{module}.{WEIGHT_AMAX}", weight_amax, layers=layers),
         Broadcast(FusedExpertAmax(f"{module}.{INPUT_AMAX}", f"{experts}.{fused}_input_quantizer._amax", layers=layers)),

@@ -133,6 +133,12 @@ def _quantized_modules(keys: list[str]) -> dict[str, tuple[str, str]]:
                 out[f"{experts}.{found['expert']}.{leaf}"] = (key, f"{experts}.{fused}_input_quantizer._amax")
     present = set(keys)
     for module, (weight_amax, input_amax) in sorted(out.items()):
+        if f"{module}.weight" not in present and _FUSED_EXPERT_AMAX.fullmatch(weight_amax):
+            raise BridgeError(
+                f"{weight_amax}: amax of transformers' fused experts, but the checkpoint has no per-expert"
+                f" {module}.weight (its experts are stored under other names, e.g. stacked as in Step-3.7's"
+                " released layout); FP8/NVFP4 export of such experts is not supported"
+            )
         if f"{module}.weight" not in present:
             raise BridgeError(f"{weight_amax}: the checkpoint has no {module}.weight to quantize")
         if input_amax not in present:
