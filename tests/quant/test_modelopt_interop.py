@@ -33,20 +33,33 @@ modelopt_export = pytest.importorskip("modelopt.torch.export")
 CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
 
 
+def without_mtp(family: str, config: dict) -> dict:
+    """``config`` with MTP off: transformers builds no MTP layers, so ModelOpt never sees their weights."""
+    if family != "step37":
+        return config | {"mtp_num_hidden_layers": 0}
+    text = config["text_config"]
+    per_layer = ("layer_types", "rope_theta", "partial_rotary_factors", "swiglu_limits", "swiglu_limits_shared")
+    text |= {key: text[key][: text["num_hidden_layers"]] for key in per_layer} | {"num_nextn_predict_layers": 0}
+    return config
+
+
 def modelopt_calibrated(family: str, fmt: str, out: Path) -> tuple[Path, Path]:
     """(``save_pretrained`` dir, ``export_hf_checkpoint`` dir) of the tiny ``family`` calibrated by ModelOpt."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     src = out / "source"
     write_family_tiny(family, src)
-    config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(config | {"mtp_num_hidden_layers": 0}))
+    config = without_mtp(family, json.loads((src / "config.json").read_text()))
+    (src / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    # Step-3.7 is a vision-language model; its text-only forward calibrates the language model
+    auto = transformers.Step3p7ForConditionalGeneration if family == "step37" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(src, dtype=torch.bfloat16)
     recipe = getattr(mtq, CONFIGS[fmt])
     if fmt == "fp8":
         recipe = mtq.update_quant_cfg_with_kv_cache_quant(recipe, mtq.FP8_KV_CFG["quant_cfg"])
-    tokens = torch.randint(0, config["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    vocab = (config.get("text_config") or config)["vocab_size"]
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     model = mtq.quantize(model, recipe, lambda m: m(input_ids=tokens))
     model.save_pretrained(out / "saved")
     modelopt_export.export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out / "modelopt")
@@ -109,3 +122,23 @@ def test_export_straight_from_the_calibrated_checkpoint_equals_modelopt(calibrat
 
     family, fmt, saved, reference = calibrated
     assert_same_files(export(fmt, saved, tmp_path / fmt), reference)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_step37_roundtrips_and_its_fused_experts_export_is_refused(fmt: str, tmp_path: Path) -> None:
+    """Step-3.7 keeps its released layout on save (stacked ``moe.*`` expert weights) while ModelOpt's
+    expert amax keep transformers' names (``mlp.experts.*``): import and round trip map them; the
+    deployable export of those experts is refused in one line (ModelOpt's own export writes
+    transformers' in-memory names, per expert, which bridgecore does not)."""
+    saved, _ = modelopt_calibrated("step37", fmt, tmp_path)
+    assert "model.layers.2.mlp.experts.gate_up_proj_input_quantizer._amax" in load_dir(saved)
+    plugins, out = PLUGINS["step37"], tmp_path / "out"
+    result = bridgecore(plugins, "roundtrip", str(saved), "--tp", "2", "--ep", "2", "--keep", str(out), nproc=2)
+    assert "bit-exact" in result.stdout
+    assert sorted(load_dir(out)) == sorted(load_dir(saved))
+    bridgecore(plugins, "import", str(saved), str(tmp_path / "megatron"), "--tp", "2", "--ep", "2", nproc=2)
+    with pytest.raises(AssertionError) as failed:
+        bridgecore(plugins, "export", str(tmp_path / "megatron"), str(tmp_path / fmt), "--quant", fmt)
+    message = str(failed.value)
+    assert "bridgecore: error: model.layers.2.mlp.experts." in message and "not supported" in message
+    assert "Traceback" not in message
