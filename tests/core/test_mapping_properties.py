@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import (
+    Broadcast,
     ColumnParallel,
     Concat,
+    Copies,
     FusedQKV,
     GatedMLP,
     MappingTable,
@@ -180,6 +182,50 @@ def test_stacked_expert_count_mismatch_names_tensor() -> None:
     mapping = Stacked(ColumnParallel("e.{expert}.w", "stacked"), num_experts=4)
     with pytest.raises(BridgeError, match="stacked.*expected 4 experts"):
         mapping.to_megatron(TensorSource({"stacked": torch.zeros(3, 2, 2)}), {"expert": 0}, Shard())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    experts=st.sampled_from([2, 4, 6]),
+    ep=st.sampled_from([1, 2]),
+    tp=TP_SIZES,
+    shape=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    dtype=DTYPES,
+    seed=st.integers(0, 9),
+)
+def test_broadcast_over_experts(
+    experts: int, ep: int, tp: int, shape: list[int], dtype: torch.dtype, seed: int
+) -> None:
+    """One HF tensor read into every expert's param; export writes it once, from expert 0, and
+    refuses, naming the tensor, once any copy on any EP rank differs."""
+    x = random_tensor(tuple(shape), dtype, seed)
+    split = random_tensor((2 * tp, 3), dtype, seed + 1)
+    mappings = [
+        Broadcast(Replicated("d.{layer}.e.{expert}.amax", "l.{layer}.shared_amax")),
+        Broadcast(ColumnParallel("d.{layer}.e.{expert}.w", "l.{layer}.shared_w")),
+    ]
+    tensors = {"l.1.shared_amax": x, "l.1.shared_w": split}
+    local = experts // ep
+    ranks = [Copies() for _ in range(ep)]
+    written = []
+    for ep_rank, copies in enumerate(ranks):
+        for e in range(ep_rank * local, (ep_rank + 1) * local):
+            for mapping in mappings:
+                size = tp if mapping.partition_dim is not None else 1
+                shards = assert_round_trip(mapping, tensors, {"layer": 1, "expert": e}, size)
+                written += [p.name for p in mapping.to_hf(shards, {"layer": 1, "expert": e}) if copies.keep(p)]
+    assert sorted(written) == sorted(tensors)  # each once, by expert 0's rank
+    Copies.check(c.digests for c in ranks)
+    ranks[-1].keep(mappings[0].to_hf([x + 1], {"layer": 1, "expert": experts - 1})[0])
+    with pytest.raises(BridgeError, match=rf"l\.1\.shared_amax: .* expert {experts - 1} differ from expert 0's"):
+        Copies.check(c.digests for c in ranks)
+
+
+def test_broadcast_needs_a_capture_the_hf_names_lack() -> None:
+    with pytest.raises(ValueError, match="needs it in the Megatron pattern"):
+        Broadcast(Replicated("d.amax", "l.amax"))
+    with pytest.raises(ValueError, match="carry no"):
+        Broadcast(Replicated("d.{expert}.amax", "l.{expert}.amax"))
 
 
 @settings(max_examples=30, deadline=None)

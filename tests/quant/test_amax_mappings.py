@@ -13,8 +13,10 @@ import itertools
 import pytest
 import torch
 
+from bridgecore.errors import BridgeError
 from bridgecore.mapping import (
     ColumnParallel,
+    Copies,
     FusedQKV,
     GatedMLP,
     MappingTable,
@@ -228,3 +230,63 @@ def test_only_linears_get_amax_mappings() -> None:
     assert "output_layer.weight_quantizer._amax" in derived
     assert "decoder.layers.{layer}.self_attention.core_attention.k_bmm_quantizer._amax" in derived
     assert is_per_tensor(()) and is_per_tensor((1,)) and not is_per_tensor((4, 1))
+
+
+def fused_experts_calibrated(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The experts' amax as ModelOpt's ``save_pretrained`` names those of transformers' fused experts:
+    bf16 ``[]``, one weight amax per expert (gate and up together), one input amax for all experts,
+    under ``mlp.experts`` whether the weights are per expert (layer 0) or stacked as ``moe.*`` (layer 1,
+    Step-3.7's released layout)."""
+    g = torch.Generator().manual_seed(seed)
+    hf = {k: v for k, v in calibrated("scalar", seed).items() if ".mlp.experts." not in k and ".moe." not in k}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}.mlp.experts."
+        for fused in ("gate_up_proj", "down_proj"):
+            for e in range(E):
+                hf[f"{p}{fused}_weight_quantizers.{e}._amax"] = (torch.rand((), generator=g) + 0.1).to(torch.bfloat16)
+            hf[f"{p}{fused}_input_quantizer._amax"] = (torch.rand((), generator=g) + 1).to(torch.bfloat16)
+    return hf
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)])
+def test_fused_experts_amax_map_per_expert_and_share_the_input_amax(tp: int, ep: int) -> None:
+    """Each expert's quantizer takes its own weight amax and a copy of the layer's input amax; export
+    gives back every HF tensor once (the input amax from expert 0), and refuses diverged copies."""
+    hf = fused_experts_calibrated()
+    table = MappingTable(amax_mappings(weight_mappings(), frozenset(hf)))
+    names = [n for n in megatron_names("scalar") if ".mlp.experts." not in n or not n.endswith("_parts")]
+    table.cover(names, frozenset(hf))  # every Megatron buffer bound, every HF amax used
+    source, out, ranks = TensorSource(hf), {}, [Copies() for _ in range(ep)]
+    for name in names:
+        b = table.find(name)
+        shards = [b.mapping.to_megatron(source, b.capture_dict, Shard(r, tp)) for r in range(tp)]
+        if ".mlp.experts." in name:
+            fused = "gate_up_proj" if "linear_fc1" in name else "down_proj"
+            layer, expert = b.capture_dict["layer"], b.capture_dict["expert"]
+            want = f"{fused}_weight_quantizers.{expert}" if "weight_quantizer" in name else f"{fused}_input_quantizer"
+            assert all(torch.equal(s, hf[f"model.layers.{layer}.mlp.experts.{want}._amax"]) for s in shards), name
+        copies = ranks[b.capture_dict.get("expert", 0) // (E // ep)]
+        for piece in b.mapping.to_hf(shards, b.capture_dict):
+            if copies.keep(piece):
+                assert piece.name not in out and piece.expert is None, f"{piece.name} written twice"
+                out[piece.name] = piece.tensor
+    Copies.check(c.digests for c in ranks)
+    assert sorted(out) == sorted(hf)
+    assert all(torch.equal(out[name], tensor) for name, tensor in hf.items())
+    b = table.find("decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.input_quantizer._amax")
+    ranks[-1].keep(b.mapping.to_hf([torch.tensor(5.0, dtype=torch.bfloat16)], b.capture_dict)[0])
+    diverged = r"experts\.down_proj_input_quantizer\._amax: .* expert 3 differ from expert 0"
+    with pytest.raises(BridgeError, match=diverged):
+        Copies.check(c.digests for c in ranks)
+
+
+def test_fused_experts_amax_convert_per_tensor_only() -> None:
+    hf = fused_experts_calibrated()
+    hf["model.layers.0.mlp.experts.down_proj_weight_quantizers.1._amax"] = torch.ones(H, 1)
+    b = MappingTable(amax_mappings(weight_mappings(), frozenset(hf))).find(
+        "decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight_quantizer._amax"
+    )
+    with pytest.raises(
+        BridgeError, match=r"down_proj_weight_quantizers\.1\._amax: shape \[32, 1\]; .* per tensor only"
+    ):
+        b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard())

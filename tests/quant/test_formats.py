@@ -120,7 +120,7 @@ def assert_nvfp4_within_bound(
 def assert_quant_config(out: Path, fmt: str, exclude: list[str], kv_cache: bool, source_config: dict) -> None:
     """``hf_quant_config.json`` and ``config.json``'s ``quantization_config``, field by field."""
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())
-    assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.2.0"}
+    assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.3.0"}
     q = hf_quant["quantization"]
     expected = {
         "quant_algo": fmt.upper(),

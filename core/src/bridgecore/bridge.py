@@ -26,7 +26,7 @@ from bridgecore.errors import BridgeError
 from bridgecore.hf.config import read_config
 from bridgecore.hf.reader import INDEX_FILE, CheckpointReader
 from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
-from bridgecore.mapping import Binding, HFPiece, MappingTable
+from bridgecore.mapping import Binding, Copies, HFPiece, MappingTable
 from bridgecore.megatron import parallel
 from bridgecore.megatron.build import build_chunks
 from bridgecore.megatron.config import ModelConfig
@@ -544,8 +544,11 @@ class AutoBridge:
         bound = parallel.collective(self.bind, model, None)
         pending: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}
+        copies = Copies()
         for part in _gathered_pieces(self, bound):
             for piece in part:
+                if not copies.keep(piece):
+                    continue
                 if piece.expert is None:
                     yield piece.name, piece.tensor
                     continue
@@ -554,6 +557,7 @@ class AutoBridge:
                 filled[piece.name] = filled.get(piece.name, 0) + 1
                 if filled[piece.name] == piece.num_experts:
                     yield piece.name, pending.pop(piece.name)
+        Copies.check([copies.digests])
         for name in self._conversion().passthrough:
             yield name, self.passthrough_reader.read(name, ())
 
@@ -567,12 +571,13 @@ class AutoBridge:
         plan = parallel.collective(self.plan, bound)
         conversion = self._conversion()
 
-        def write(writer: ShardedWriter) -> None:
+        def write(writer: ShardedWriter, copies: Copies) -> None:
             for t, b in track(bound, "export", "tensor", enabled=parallel.rank() == 0):
                 pieces = self._pieces(t, b)
                 if t.writer:
                     for p in pieces:
-                        writer.write(p.name, p.tensor, expert=p.expert)
+                        if copies.keep(p):
+                            writer.write(p.name, p.tensor, expert=p.expert)
 
         conversion.write_hf(out_dir, plan, parse_size(max_shard_size), write, overwrite)
         return out_dir

@@ -27,7 +27,7 @@ import torch
 
 from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import PlanEntry, ShardedWriter
-from bridgecore.mapping import MappingTable
+from bridgecore.mapping import Copies, MappingTable
 from bridgecore.mapping.table import Coverage
 from bridgecore.megatron import parallel
 from bridgecore.megatron.parallel import Layout
@@ -99,15 +99,17 @@ class ConversionPlan:
         out_dir: Path,
         entries: Sequence[PlanEntry],
         max_shard_size: int,
-        write: Callable[[ShardedWriter], None],
+        write: Callable[[ShardedWriter, Copies], None],
         overwrite: bool = False,
     ) -> None:
         """The HF export ``entries``, written by every rank of the current process group (or by this
         process alone): rank 0 makes the writer's temporary directory, each rank attaches to it and runs
-        ``write`` (its share), rank 0 adds the passthrough tensors and, once every share is written,
-        commits. A failure on any rank fails every rank and leaves ``out_dir`` as it was."""
+        ``write`` (its share; it writes only the pieces :meth:`Copies.keep` keeps), rank 0 adds the
+        passthrough tensors and, once every share is written and every copy of a broadcast tensor found
+        equal, commits. A failure on any rank fails every rank and leaves ``out_dir`` as it was."""
         rank = parallel.rank()
         writer = None
+        copies = Copies()
         try:
             if rank == 0:
                 writer = self.hf_writer(out_dir, entries, max_shard_size)
@@ -117,16 +119,18 @@ class ConversionPlan:
                 writer = self.hf_writer(out_dir, entries, max_shard_size, temp)
 
             def share() -> None:
-                write(writer)
+                write(writer, copies)
                 if rank == 0:
                     self.copy_passthrough(writer)
 
             parallel.collective(share)
             written = parallel.all_gather_objects(writer.written())
+            digests = parallel.all_gather_objects(copies.digests)
 
             def commit() -> None:
                 if rank != 0:
                     return
+                Copies.check(digests)
                 if self.bridge.hf_dir is None:
                     text = json.dumps(self.bridge.hf_config, indent=2) + "\n"
                     (Path(writer.temp_dir) / "config.json").write_text(text)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from bridgecore.bridge import AutoBridge, exact_cast
 from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
-from bridgecore.mapping import Binding
+from bridgecore.mapping import Binding, Copies
 from bridgecore.megatron import parallel
 from bridgecore.megatron.checkpoint import exact_storage
 from bridgecore.megatron.compat import cpu_compat
@@ -406,12 +406,13 @@ def stream_to_hf(
         share = _share({t.name: t.tensor.nbytes for t, _ in bound}, procs)[rank]
         mine = [bound[i] for i in sorted(order[name] for name in share)]
 
-        def write(writer: ShardedWriter) -> None:
+        def write(writer: ShardedWriter, copies: Copies) -> None:
             progress = track(_read_ahead(mine, read), "offline export", "param", total=len(mine), enabled=rank == 0)
             for (_, b), value in progress:
                 for piece in b.mapping.to_hf([value], b.capture_dict):
-                    dtype = bridge.hf_dtype(piece.name, value.dtype)
-                    writer.write(piece.name, exact_cast(piece.tensor, dtype, piece.name), expert=piece.expert)
+                    piece.tensor = exact_cast(piece.tensor, bridge.hf_dtype(piece.name, value.dtype), piece.name)
+                    if copies.keep(piece):
+                        writer.write(piece.name, piece.tensor, expert=piece.expert)
                 buffers.give(value)
 
         try:

@@ -170,6 +170,6 @@ def check_mapping(mapping: Mapping, tensors: dict[str, torch.Tensor], captures: 
     for piece in pieces:
         expected = tensors[piece.name] if piece.expert is None else tensors[piece.name][piece.expert]
         assert piece.tensor.dtype == expected.dtype, f"{piece.name}: dtype {piece.tensor.dtype}, not {expected.dtype}"
-        same = torch.equal(piece.tensor.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
+        same = torch.equal(*(t.reshape(-1).contiguous().view(torch.uint8) for t in (piece.tensor, expected)))
         assert same, f"{piece.name}: export(import(x)) differs from x"
     return shards

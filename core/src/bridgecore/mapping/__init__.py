@@ -1,5 +1,6 @@
 """Parameter mappings between HF tensors and Megatron params: pure torch, no megatron import."""
 
+from bridgecore.mapping.broadcast import Broadcast, Copies
 from bridgecore.mapping.pattern import Pattern
 from bridgecore.mapping.table import Binding, Coverage, MappingTable
 from bridgecore.mapping.types import (
@@ -23,8 +24,10 @@ from bridgecore.mapping.types import (
 
 __all__ = [
     "Binding",
+    "Broadcast",
     "ColumnParallel",
     "Concat",
+    "Copies",
     "Coverage",
     "FusedQKV",
     "GatedMLP",

@@ -72,12 +72,18 @@ class Segment:
 
 @dataclass
 class HFPiece:
-    """An exported HF tensor, or the slab `[expert]` of a stacked tensor of `num_experts` slabs."""
+    """An exported HF tensor, or the slab `[expert]` of a stacked tensor of `num_experts` slabs.
+
+    `copy` is set when several Megatron params hold the tensor (a
+    :class:`~bridgecore.mapping.broadcast.Broadcast` mapping): (capture, value) of this copy; the copy
+    with value 0 is written, every copy must equal it.
+    """
 
     name: str
     tensor: torch.Tensor
     expert: int | None = None
     num_experts: int | None = None
+    copy: tuple[str, int] | None = None
 
     @property
     def full_shape(self) -> tuple[int, ...]:

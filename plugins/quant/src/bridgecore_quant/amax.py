@@ -20,6 +20,8 @@ ModelOpt gives every quantized linear ``<m>`` two buffers, ``<m>.weight_quantize
   ``moe.gate_proj.weight_quantizer._amax`` of shape ``[E]`` (per-tensor, one per expert) or
   ``[E, I, 1]`` (per-channel), and ``moe.gate_proj.input_quantizer._amax`` of shape ``[E]``;
   each Megatron expert holds its slab.
+- transformers' fused experts, as ModelOpt quantizes them, carry one amax per expert under the fused
+  module's name and one input amax shared by the layer's experts (:func:`fused_expert_amax_mappings`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import (
+    Broadcast,
     FusedQKV,
     HFPiece,
     Mapping,
@@ -68,7 +71,7 @@ def skeleton(name: str) -> str:
 
 def amax_kinds(hf_keys: Collection[str] | None) -> frozenset[str]:
     """The kinds (names with indices as ``#``) of the amax tensors among ``hf_keys``."""
-    return frozenset(skeleton(k) for k in hf_keys or () if k.endswith("_quantizer._amax"))
+    return frozenset(skeleton(k) for k in hf_keys or () if k.endswith("._amax") and "_quantizer" in k)
 
 
 def present(names: Sequence[str], kinds: Collection[str]) -> list[str]:
@@ -183,31 +186,81 @@ def kv_amax_mappings(qkv: FusedQKV) -> list[Mapping]:
     return [Replicated(f"{attn}.core_attention.{s}", f"{hf_attn}.{s}", layers=qkv.layers) for s in KV_AMAX]
 
 
-#: ModelOpt's quantizers on transformers' fused experts (``<moe>.experts.gate_up_proj_weight_quantizers.{e}``
-#: and one ``<moe>.experts.gate_up_proj_input_quantizer`` for all experts), as ``save_pretrained`` writes them.
-_FUSED_EXPERTS = re.compile(r"\.experts\.[a-z_]+_(weight_quantizers\.\d+|input_quantizer)\._amax\Z")
+class FusedExpertAmax(Replicated):
+    """One expert's per-tensor amax under ModelOpt's fused-experts name, the same on every (E)TP rank."""
+
+    def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
+        name = self.hf_names(captures)[0]
+        if not is_per_tensor(source.shape(name)):
+            raise BridgeError(
+                f"{name}: shape {list(source.shape(name))}; amax of transformers' fused experts convert per"
+                " tensor only ([] or [1])"
+            )
+        return super().to_megatron(source, captures, shard)
 
 
-def check_fused_experts(hf_keys: Collection[str] | None) -> None:
-    """Refuse amax of transformers' fused experts: they are named after modules the checkpoint lacks."""
-    found = sorted(k for k in hf_keys or () if _FUSED_EXPERTS.search(k))
-    if found:
-        raise BridgeError(
-            f"{found[0]} (and {len(found) - 1} more): ModelOpt quantized transformers' fused experts, and"
-            " save_pretrained names their quantizers after transformers' in-memory modules (one input amax for"
-            " all experts of a layer) while the expert weights keep the checkpoint's names; bridgecore-quant"
-            " cannot map them to the experts yet (dense layers, attention and shared experts it can)"
-        )
+#: a per-expert HF weight, ``<experts>.{expert}.<leaf>.weight``.
+_PER_EXPERT = re.compile(r"(?P<experts>.+\.experts)\.\{expert\}\.[a-z_]+\.weight")
+
+
+def _stacked_experts(hf: str, fused: str, kinds: Collection[str]) -> str | None:
+    """The fused experts module whose amax a stacked HF weight (``<layer>.moe.gate_proj.weight``) has.
+
+    A checkpoint of the released layout that transformers reads with renaming (Step-3.7's
+    ``moe.*`` are its ``mlp.experts``) keeps the weights' released names while ModelOpt's amax keep
+    the in-memory module's: the one ``*experts`` module of the same layer that has them.
+    """
+    head, sep, _ = hf.partition("{layer}")
+    if not sep:
+        return None
+    layer = head + "{layer}"
+    pattern = re.compile(
+        rf"{re.escape(skeleton(layer))}\.((?:[a-z_]+\.)*experts)\.{re.escape(fused)}_weight_quantizers\.#\._amax"
+    )
+    found = {m.group(1) for k in kinds if (m := pattern.fullmatch(k))}
+    return f"{layer}.{found.pop()}" if len(found) == 1 else None
+
+
+def fused_expert_amax_mappings(weight: Mapping, kinds: Collection[str]) -> list[Mapping]:
+    """ModelOpt's quantizers on transformers' fused experts, for the expert weight mapping ``weight``.
+
+    ModelOpt quantizes transformers' fused experts (``<experts>.gate_up_proj`` ``[E, 2I, H]``,
+    ``<experts>.down_proj``) as they are in memory, and ``save_pretrained`` names their amax after
+    those modules while the weights keep the checkpoint's names (per expert, or stacked under the
+    released layout's names): one weight amax per expert
+    (``<experts>.gate_up_proj_weight_quantizers.{e}._amax``, gate and up together) and one input
+    amax for all experts of the layer (``<experts>.gate_up_proj_input_quantizer._amax``), which every
+    Megatron expert's input quantizer holds a copy of (:class:`~bridgecore.mapping.Broadcast`).
+    Empty when the checkpoint has no such amax for ``weight``.
+    """
+    inner = weight.inner if isinstance(weight, Stacked) else weight
+    if not inner.expert_capture:
+        return []
+    hf = inner.hf[0].text
+    # transformers fuses gate and up into ``gate_up_proj``; a single projection keeps its name
+    fused = "gate_up_proj" if len(inner.hf) == 2 else module_of(hf).rsplit(".", 1)[-1]
+    if isinstance(weight, Stacked):
+        experts = _stacked_experts(hf, fused, kinds)
+    else:
+        found = _PER_EXPERT.fullmatch(hf)
+        experts = found["experts"] if found else None
+    weight_amax = f"{experts}.{fused}_weight_quantizers.{{expert}}._amax"
+    if experts is None or skeleton(weight_amax) not in kinds:
+        return []
+    module, layers = module_of(inner.megatron.text), inner.layers
+    return [
+        FusedExpertAmax(f"{module}.{WEIGHT_AMAX}", weight_amax, layers=layers),
+        Broadcast(FusedExpertAmax(f"{module}.{INPUT_AMAX}", f"{experts}.{fused}_input_quantizer._amax", layers=layers)),
+    ]
 
 
 def amax_mappings(mappings: Sequence[Mapping], hf_keys: Collection[str] | None = None) -> list[Mapping]:
     """Every amax mapping the weight ``mappings`` of any family imply, for a checkpoint with ``hf_keys``."""
-    check_fused_experts(hf_keys)
     out: list[Mapping] = []
     kinds = amax_kinds(hf_keys)
     for m in mappings:
         if is_quantizable(m):
-            out += weight_amax_mappings(m, kinds)
+            out += fused_expert_amax_mappings(m, kinds) or weight_amax_mappings(m, kinds)
         if isinstance(m, FusedQKV):
             out += kv_amax_mappings(m)
     return out

@@ -18,7 +18,8 @@ converted and written by the core's ``ShardedWriter``, which makes the output ap
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from bridgecore_quant.amax import (
     module_of,
 )
 
-PRODUCER = {"name": "bridgecore-quant", "version": "0.2.0"}
+PRODUCER = {"name": "bridgecore-quant", "version": "0.3.0"}
 _KV_SCALE = {KV_AMAX[0]: "k_proj.k_scale", KV_AMAX[1]: "v_proj.v_scale"}
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
@@ -106,17 +107,46 @@ SHARED_INPUT = (
 )
 
 
-def _quantized_modules(keys: list[str]) -> set[str]:
-    modules = {module_of(module_of(k)) for k in keys if k.endswith(f".{WEIGHT_AMAX}")}
-    for m in sorted(modules):
-        if f"{m}.weight" not in keys:
-            raise BridgeError(f"{m}.{WEIGHT_AMAX}: the checkpoint has no {m}.weight to quantize")
-        if f"{m}.{INPUT_AMAX}" not in keys:
-            raise BridgeError(f"{m}.{INPUT_AMAX}: missing; weight-and-activation formats need the input amax too")
-    return modules
+#: ModelOpt's weight amax of one expert of transformers' fused experts (``<experts>.<fused>`` ``[E, ...]``).
+_FUSED_EXPERT_AMAX = re.compile(
+    r"(?P<experts>.+\.experts)\.(?P<fused>[a-z_]+)_weight_quantizers\.(?P<expert>\d+)\._amax"
+)
 
 
-def shared_input_groups(quantized: set[str]) -> list[list[str]]:
+def _quantized_modules(keys: list[str]) -> dict[str, tuple[str, str]]:
+    """Each quantized module's (weight amax, input amax) tensor names.
+
+    ``<m>.weight_quantizer._amax`` and ``<m>.input_quantizer._amax``; for the per-expert projections
+    ``<experts>.<e>.{gate,up}_proj`` of transformers' fused experts, as ModelOpt names them, the
+    expert's ``<experts>.gate_up_proj_weight_quantizers.<e>._amax`` (gate and up share it) and the
+    layer's one ``<experts>.gate_up_proj_input_quantizer._amax`` (``down_proj`` alike).
+    """
+    out = {}
+    for key in keys:
+        if key.endswith(f".{WEIGHT_AMAX}"):
+            module = module_of(module_of(key))
+            out[module] = (key, f"{module}.{INPUT_AMAX}")
+        elif found := _FUSED_EXPERT_AMAX.fullmatch(key):
+            experts, fused = found["experts"], found["fused"]
+            leaves = ("gate_proj", "up_proj") if fused == "gate_up_proj" else (fused,)
+            for leaf in leaves:
+                out[f"{experts}.{found['expert']}.{leaf}"] = (key, f"{experts}.{fused}_input_quantizer._amax")
+    present = set(keys)
+    for module, (weight_amax, input_amax) in sorted(out.items()):
+        if f"{module}.weight" not in present and _FUSED_EXPERT_AMAX.fullmatch(weight_amax):
+            raise BridgeError(
+                f"{weight_amax}: amax of transformers' fused experts, but the checkpoint has no per-expert"
+                f" {module}.weight (its experts are stored under other names, e.g. stacked as in Step-3.7's"
+                " released layout); FP8/NVFP4 export of such experts is not supported"
+            )
+        if f"{module}.weight" not in present:
+            raise BridgeError(f"{weight_amax}: the checkpoint has no {module}.weight to quantize")
+        if input_amax not in present:
+            raise BridgeError(f"{input_amax}: missing; weight-and-activation formats need the input amax too")
+    return out
+
+
+def shared_input_groups(quantized: Collection[str]) -> list[list[str]]:
     """The quantized modules grouped by the input they read (see :data:`SHARED_INPUT`), sorted."""
     groups: dict[tuple[str, int], list[str]] = {}
     for module in sorted(quantized):
@@ -127,11 +157,11 @@ def shared_input_groups(quantized: set[str]) -> list[list[str]]:
 
 
 def resolved_amax(
-    reader: CheckpointReader, fmt: str, quantized: set[str]
+    reader: CheckpointReader, fmt: str, quantized: dict[str, tuple[str, str]]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(weight amax, input amax) each quantized module is exported with: its own for FP8, its
     shared-input group's max for NVFP4, as ModelOpt's exporter does."""
-    own = {m: (reader.read(f"{m}.{WEIGHT_AMAX}", ()), reader.read(f"{m}.{INPUT_AMAX}", ())) for m in quantized}
+    own = {m: (reader.read(weight, ()), reader.read(inputs, ())) for m, (weight, inputs) in quantized.items()}
     if fmt != "nvfp4":
         return own
     out = {}
@@ -148,30 +178,32 @@ def _kv_scale(key: str) -> str | None:
     return None if suffix is None else f"{key[: -len(suffix) - 1]}.{_KV_SCALE[suffix]}"
 
 
-def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: set[str]) -> Planned:
+def _is_quantizer_state(key: str) -> bool:
+    return "_quantizer." in key or _FUSED_EXPERT_AMAX.fullmatch(key) is not None
+
+
+def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: dict[str, tuple[str, str]]) -> Planned:
     """What :func:`_converted` writes, in its order, from shapes and the (small) amax alone."""
     for key in keys:
-        if "_quantizer." in key:
+        if _is_quantizer_state(key):
             scale = _kv_scale(key)
             if scale is not None:
                 yield scale, reader.shape(key), torch.float32
-            elif not key.endswith((WEIGHT_AMAX, INPUT_AMAX)):
+            elif not (key.endswith((WEIGHT_AMAX, INPUT_AMAX)) or _FUSED_EXPERT_AMAX.fullmatch(key)):
                 raise BridgeError(f"{key}: quantizer state other than amax cannot be exported to {fmt}")
         elif key.endswith(".weight") and module_of(key) in quantized:
             module, weight = module_of(key), reader.shape(key)
-            for amax in (f"{module}.{WEIGHT_AMAX}", f"{module}.{INPUT_AMAX}"):
+            for amax in quantized[module]:
                 _check_amax(reader, amax, weight)
-            yield from _PLANS[fmt](
-                module, weight, reader.shape(f"{module}.{WEIGHT_AMAX}"), reader.shape(f"{module}.{INPUT_AMAX}")
-            )
+            yield from _PLANS[fmt](module, weight, *(reader.shape(amax) for amax in quantized[module]))
         else:
             yield key, reader.shape(key), reader.dtype(key)
 
 
-def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: set[str]) -> Tensors:
+def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: dict[str, tuple[str, str]]) -> Tensors:
     amax = resolved_amax(reader, fmt, quantized)
     for key in keys:
-        if "_quantizer." in key:
+        if _is_quantizer_state(key):
             scale = _kv_scale(key)
             if scale is not None:
                 yield scale, reader.read(key, ()).float() / numerics.E4M3_MAX
@@ -181,11 +213,13 @@ def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: s
             yield key, reader.read(key, ())
 
 
-def unquantized_modules(reader: CheckpointReader, keys: list[str], quantized: set[str], config: dict) -> set[str]:
+def unquantized_modules(
+    reader: CheckpointReader, keys: list[str], quantized: Collection[str], config: dict
+) -> set[str]:
     """The modules ModelOpt would list as unquantized: every other matmul, embedding or convolution
     (a ``.weight`` of two or more dims), and ``lm_head`` when it is tied to the embedding and so
     has no tensor of its own. Norms (1-dim weights) carry no quantizer and are not listed."""
-    out = {module_of(k) for k in keys if k.endswith(".weight") and len(reader.shape(k)) >= 2} - quantized
+    out = {module_of(k) for k in keys if k.endswith(".weight") and len(reader.shape(k)) >= 2} - set(quantized)
     text = config.get("text_config") or {}
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     if tied and "lm_head.weight" not in keys:
@@ -193,7 +227,7 @@ def unquantized_modules(reader: CheckpointReader, keys: list[str], quantized: se
     return out
 
 
-def exclude_patterns(unquantized: set[str], quantized: set[str]) -> list[str]:
+def exclude_patterns(unquantized: set[str], quantized: Collection[str]) -> list[str]:
     """``exclude_modules`` as ModelOpt summarizes it: each unquantized module under the shortest
     dotted prefix wildcard (``model.visual*``, or ``a.*`` where ``a*`` would say too much) that
     matches no quantized module, or its own name."""
