@@ -294,57 +294,69 @@ def check_pickles(release: Path) -> None:
         ) from None
 
 
+class _InPlaceRead:
+    """Mixed into DCP's file system reader that megatron-core's load makes: every tensor chunk goes to
+    :class:`bridgecore.offline._SavedChunks`, which ``preadv``s a whole contiguous chunk into its target
+    in place and any other through one kept staging buffer; byte items and transformed (compressed)
+    chunks stay with DCP's reader."""
+
+    def set_up_storage_reader(self, metadata: Any, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, *args, **kwargs)
+        self._saved_metadata = metadata
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        import dataclasses
+
+        from torch.distributed.checkpoint.planner import LoadItemType
+
+        from bridgecore.offline import _SavedChunks
+
+        saved = _SavedChunks(Path(self.path), self._saved_metadata)
+        rest = []
+        try:
+            for item in plan.items:
+                if item.type == LoadItemType.BYTE_IO or self.storage_data[item.storage_index].transform_descriptors:
+                    rest.append(item)
+                    continue
+                target = planner.resolve_tensor(item).detach()
+                if tuple(target.shape) != tuple(item.lengths):
+                    raise BridgeError(
+                        f"{self.path}: saved chunk {item.storage_index.fqn} is read as {list(item.lengths)}"
+                        f" into a target of {list(target.shape)}"
+                    )
+                saved._read(item.storage_index, item.storage_offsets, item.lengths, target)
+                planner.commit_tensor(item, target)
+        finally:
+            saved.close()
+        return super().read_data(dataclasses.replace(plan, items=rest), planner)
+
+
 @contextlib.contextmanager
 def _reading_in_place() -> Iterator[None]:
     """Make megatron-core's torch_dist load read each saved chunk straight into its target.
 
     DCP's reader ``torch.load``s every chunk into new memory and copies that into the target (the
     model's param, or a view of it): as much fresh memory as the model, a page fault per page, and a
-    second copy. The reader here hands every tensor read to :class:`bridgecore.offline._SavedChunks`,
-    which ``preadv``s a whole contiguous chunk into the target in place and any other through one kept
-    staging buffer; byte reads and transformed (compressed) chunks stay with DCP's reader."""
+    second copy. The local file system reader megatron-core makes (DCP's, or its caching subclass)
+    reads through :class:`_InPlaceRead` instead; a multi-storage client's reader is left as it is."""
     from megatron.core.dist_checkpointing.strategies import torch as strategy
+    from torch.distributed.checkpoint import FileSystemReader
 
     make_reader = getattr(strategy, "_get_filesystem_reader", None)
-    reader_class = getattr(strategy, "CachedMetadataFileSystemReader", None)
-    if make_reader is None or reader_class is None:
+    msc = getattr(strategy, "MultiStorageClientFeature", None)
+    if make_reader is None or (msc is not None and msc.is_enabled()):
         yield
         return
 
-    class InPlaceReader(reader_class):
-        def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-            super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
-            self._saved_metadata = metadata
-
-        def read_data(self, plan: Any, planner: Any) -> Any:
-            import dataclasses
-
-            from torch.distributed.checkpoint.planner import LoadItemType
-
-            from bridgecore.offline import _SavedChunks
-
-            saved = _SavedChunks(Path(self.path), self._saved_metadata)
-            rest = []
-            try:
-                for item in plan.items:
-                    if item.type == LoadItemType.BYTE_IO or self.storage_data[item.storage_index].transform_descriptors:
-                        rest.append(item)
-                        continue
-                    target = planner.resolve_tensor(item).detach()
-                    if tuple(target.shape) != tuple(item.lengths):
-                        raise BridgeError(
-                            f"{self.path}: saved chunk {item.storage_index.fqn} is read as {list(item.lengths)}"
-                            f" into a target of {list(target.shape)}"
-                        )
-                    saved._read(item.storage_index, item.storage_offsets, item.lengths, target)
-                    planner.commit_tensor(item, target)
-            finally:
-                saved.close()
-            return super().read_data(dataclasses.replace(plan, items=rest), planner)
-
-    def in_place_reader(checkpoint_dir: str | Path, cache_metadata: bool = False) -> Any:
-        found = make_reader(checkpoint_dir, cache_metadata)
-        return InPlaceReader(checkpoint_dir) if type(found) in (reader_class, strategy.FileSystemReader) else found
+    def in_place_reader(*args: Any, **kwargs: Any) -> Any:
+        found = make_reader(*args, **kwargs)
+        if not isinstance(found, FileSystemReader) or isinstance(found, _InPlaceRead):
+            return found
+        # the same reader (its state copied, whatever its constructor takes), reading through the mixin
+        mixed = type(f"InPlace{type(found).__name__}", (_InPlaceRead, type(found)), {})
+        reader = mixed.__new__(mixed)
+        reader.__dict__.update(found.__dict__)
+        return reader
 
     strategy._get_filesystem_reader = in_place_reader
     try:
