@@ -172,6 +172,17 @@ def exact_cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Ten
     return cast
 
 
+def _can_take(param: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``param`` (a tensor of its own, not a view) can take ``value`` as its data unchanged."""
+    return (
+        param._base is None
+        and value.is_contiguous()
+        and value.dtype == param.dtype
+        and value.device == param.device
+        and tuple(value.shape) == tuple(param.shape)
+    )
+
+
 class AutoBridge:
     """The conversion of one HF checkpoint directory, driven by the plugin that claims it."""
 
@@ -416,8 +427,14 @@ class AutoBridge:
         embedding = t.name == "embedding.word_embeddings.weight" or t.name.endswith(".embedding.word_embeddings.weight")
         return embedding and not ps.is_pipeline_first_stage(ignore_virtual=True)
 
-    def load_hf_weights(self, model: Model, allow_unmapped: Sequence[str] = ()) -> None:
-        """Copy the HF weights into ``model``, every tensor read only for the slices this rank holds."""
+    def load_hf_weights(self, model: Model, allow_unmapped: Sequence[str] = (), share_source: bool = False) -> None:
+        """Copy the HF weights into ``model``, every tensor read only for the slices this rank holds.
+
+        With ``share_source`` a param whose value comes out whole, contiguous and in its dtype takes
+        that value as its data instead of a copy: a slice of the memory-mapped source file (private,
+        so writes never reach it) or the new tensor the mapping made. That saves the first touch of
+        the model's memory and a copy of every such param; the model must not outlive changes to the
+        source files, so only a caller that saves the model and drops it (``bridgecore import``) asks."""
         if self.reader is None:
             raise BridgeError("this bridge was made without weights (from a config only)")
         bound = parallel.collective(self.bind, model, self.hf_keys, allow_unmapped)
@@ -442,8 +459,12 @@ class AutoBridge:
                         f" {'floating-point' if t.tensor.is_floating_point() else 'integer'} tensor for {t.name}"
                         f" ({t.tensor.dtype})"
                     )
+                value = exact_cast(value, t.tensor.dtype, f"{t.name} <- {sources}")
+                if share_source and _can_take(t.tensor, value):
+                    t.tensor.data = value
+                    continue
                 with torch.no_grad():
-                    t.tensor.copy_(exact_cast(value, t.tensor.dtype, f"{t.name} <- {sources}"))
+                    t.tensor.copy_(value)
 
         parallel.collective(load)
 

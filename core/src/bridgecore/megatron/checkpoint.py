@@ -294,6 +294,77 @@ def check_pickles(release: Path) -> None:
         ) from None
 
 
+class _InPlaceRead:
+    """Mixed into DCP's file system reader that megatron-core's load makes: every tensor chunk goes to
+    :class:`bridgecore.offline._SavedChunks`, which ``preadv``s a whole contiguous chunk into its target
+    in place and any other through one kept staging buffer; byte items and transformed (compressed)
+    chunks stay with DCP's reader."""
+
+    def set_up_storage_reader(self, metadata: Any, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, *args, **kwargs)
+        self._saved_metadata = metadata
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        import dataclasses
+
+        from torch.distributed.checkpoint.planner import LoadItemType
+
+        from bridgecore.offline import _SavedChunks
+
+        saved = _SavedChunks(Path(self.path), self._saved_metadata)
+        rest = []
+        try:
+            for item in plan.items:
+                if item.type == LoadItemType.BYTE_IO or self.storage_data[item.storage_index].transform_descriptors:
+                    rest.append(item)
+                    continue
+                target = planner.resolve_tensor(item).detach()
+                if tuple(target.shape) != tuple(item.lengths):
+                    raise BridgeError(
+                        f"{self.path}: saved chunk {item.storage_index.fqn} is read as {list(item.lengths)}"
+                        f" into a target of {list(target.shape)}"
+                    )
+                saved._read(item.storage_index, item.storage_offsets, item.lengths, target)
+                planner.commit_tensor(item, target)
+        finally:
+            saved.close()
+        return super().read_data(dataclasses.replace(plan, items=rest), planner)
+
+
+@contextlib.contextmanager
+def _reading_in_place() -> Iterator[None]:
+    """Make megatron-core's torch_dist load read each saved chunk straight into its target.
+
+    DCP's reader ``torch.load``s every chunk into new memory and copies that into the target (the
+    model's param, or a view of it): as much fresh memory as the model, a page fault per page, and a
+    second copy. The local file system reader megatron-core makes (DCP's, or its caching subclass)
+    reads through :class:`_InPlaceRead` instead; a multi-storage client's reader is left as it is."""
+    from megatron.core.dist_checkpointing.strategies import torch as strategy
+    from torch.distributed.checkpoint import FileSystemReader
+
+    make_reader = getattr(strategy, "_get_filesystem_reader", None)
+    msc = getattr(strategy, "MultiStorageClientFeature", None)
+    if make_reader is None or (msc is not None and msc.is_enabled()):
+        yield
+        return
+
+    def in_place_reader(*args: Any, **kwargs: Any) -> Any:
+        found = make_reader(*args, **kwargs)
+        if not isinstance(found, FileSystemReader) or isinstance(found, _InPlaceRead):
+            return found
+        # the same reader (its state copied, whatever its constructor takes), reading through the mixin
+        mixed = type(f"InPlace{type(found).__name__}", (_InPlaceRead, type(found)), {})
+        reader = mixed.__new__(mixed)
+        reader.__dict__.update(found.__dict__)
+        return reader
+
+    strategy._get_filesystem_reader = in_place_reader
+    try:
+        yield
+    finally:
+        strategy._get_filesystem_reader = make_reader
+
+
 def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
     """megatron-core's load of ``state`` from ``release``, its model tensors only (``common.pt`` is left
     unread); files that do not describe this model (a ``.metadata`` of another checkpoint, chunks that
@@ -301,7 +372,8 @@ def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
     from bridgecore.megatron.training import load_model_only
 
     try:
-        return load_model_only(state, release)
+        with _reading_in_place():
+            return load_model_only(state, release)
     except BridgeError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to read the files is the same refusal
@@ -317,6 +389,48 @@ def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
     ) from None
 
 
+def _where(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
+
+
+def _merge_in_place(state: dict[str, Any]) -> None:
+    """Make the merges of ``state``'s tensor factories (a gated fc1's gate and up halves) give back the
+    model's own param instead of a new tensor.
+
+    megatron-core's load builds each factory's pieces as views of the param, reads the checkpoint into
+    them in place, and then merges them, ``torch.cat`` for a gated fc1: a new tensor per fc1, every one
+    alive until the load returns (about 0.55x a Llama model on top of it). A factory's merge inverts its
+    build, so where the loaded pieces are the very views the build makes of the param, the param already
+    holds the merged value and is returned as it is. Any other merge is copied into the param at once,
+    so at most one merged tensor lives at a time."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def in_place(factory: ShardedTensorFactory) -> Callable[[Any], Any]:
+        param, merge = factory.data, factory.merge_fn
+        views = [_where(piece.data) for piece in nested_values([factory.build()]) if isinstance(piece, ShardedTensor)]
+
+        def merged(loaded: Any) -> Any:
+            pieces = list(nested_values([loaded]))
+            if views and all(isinstance(t, torch.Tensor) for t in pieces) and [_where(t) for t in pieces] == views:
+                return param
+            value = merge(loaded)
+            if not isinstance(value, torch.Tensor) or value.shape != param.shape or value.dtype != param.dtype:
+                return value
+            with torch.no_grad():
+                param.copy_(value)
+            return param
+
+        return merged
+
+    def wrap(item: Any) -> Any:
+        if isinstance(item, ShardedTensorFactory) and isinstance(item.data, torch.Tensor):
+            item.merge_fn = in_place(item)
+        return item
+
+    dict_list_map_inplace(wrap, state)
+
+
 def load_dist(chunks: list[torch.nn.Module], torch_dist: Path, config: Any) -> None:
     """Load the model weights of a torch_dist save (``release/`` or a training run's ``iter_NNNNNNN/``)
     into this rank's chunks, whatever layout saved them; optimizer and RNG state are never read."""
@@ -326,6 +440,7 @@ def load_dist(chunks: list[torch.nn.Module], torch_dist: Path, config: Any) -> N
     key_layout = parallel.collective(training.key_layout, chunks, metadata)
     state = {_state_key(i, chunks): sharded_state_dict(chunk, key_layout) for i, chunk in enumerate(chunks)}
     parallel.collective(training.check_model_keys, config, training.requested_tensors(state), metadata, str(torch_dist))
+    _merge_in_place(state)
     with cpu_compat():
         loaded = parallel.collective(_load_files, state, torch_dist)
 
