@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from bridgecore.bridge import AutoBridge
+from bridgecore.plugins import Plugins
 from bridgecore.testing import write_tiny
 from bridgecore_quant.formats import exclude_patterns
 
@@ -184,7 +185,9 @@ def test_plain_checkpoint_is_unchanged_by_the_quant_plugin(tmp_path: Path, monke
     got = load_dir(tmp_path / "out")
     assert sorted(got) == sorted(source) and all(torch.equal(got[k], v) for k, v in source.items())
     monkeypatch.setenv("BRIDGECORE_PLUGINS", PLUGINS["llama"])
-    bridge = AutoBridge.from_hf_pretrained(tmp_path / "plain")
+    # its own manager: the process-wide one (`installed()`, loaded once) would keep the restriction
+    # for every later test of this process, or ignore it if an earlier test loaded it
+    bridge = AutoBridge.from_hf_pretrained(tmp_path / "plain", plugins=Plugins())
     assert "quant" in bridge.plugins.infos
     model = bridge.to_megatron_model(load_weights=False, meta=True)
     assert not [n for chunk in model for n, _ in chunk.named_modules() if n.endswith("_quantizer")]
