@@ -120,7 +120,7 @@ def assert_nvfp4_within_bound(
 def assert_quant_config(out: Path, fmt: str, exclude: list[str], kv_cache: bool, source_config: dict) -> None:
     """``hf_quant_config.json`` and ``config.json``'s ``quantization_config``, field by field."""
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())
-    assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.3.0"}
+    assert hf_quant["producer"] == {"name": "bridgecore-quant", "version": "0.4.0"}
     q = hf_quant["quantization"]
     expected = {
         "quant_algo": fmt.upper(),
@@ -266,3 +266,66 @@ def test_exclude_list_is_summarized_with_prefix_wildcards() -> None:
         "model.visual*",
         "mtp*",
     ]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (one-byte float dtypes compared as bytes: NaN and -0 count)."""
+    a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def write_fused_expert_amax(out: Path, stacked: bool) -> None:
+    """One MoE layer whose experts carry ModelOpt's fused-experts amax (``mlp.experts.*``), with the
+    expert weights stacked under the released layout's names (``moe.*``) or per expert."""
+    g = torch.Generator().manual_seed(7)
+    weights = {
+        "gate_proj": (torch.randn(E, INTER, H, generator=g) * 0.05).to(torch.bfloat16),
+        "up_proj": (torch.randn(E, INTER, H, generator=g) * 0.05).to(torch.bfloat16),
+        "down_proj": (torch.randn(E, H, INTER, generator=g) * 0.05).to(torch.bfloat16),
+    }
+    tensors = {"model.layers.0.moe.gate.weight": torch.randn(E, H, generator=g).to(torch.bfloat16)}
+    for leaf, weight in weights.items():
+        if stacked:
+            tensors[f"model.layers.0.moe.{leaf}.weight"] = weight
+        else:
+            tensors |= {f"model.layers.0.mlp.experts.{e}.{leaf}.weight": weight[e] for e in range(E)}
+    experts = "model.layers.0.mlp.experts"
+    for fused, amax in (("gate_up_proj", weights["gate_proj"].float().abs().amax((1, 2)) * 1.5), ("down_proj", None)):
+        amax = weights[fused].float().abs().amax((1, 2)) if amax is None else amax
+        tensors |= {f"{experts}.{fused}_weight_quantizers.{e}._amax": amax[e] for e in range(E)}
+        tensors[f"{experts}.{fused}_input_quantizer._amax"] = torch.tensor(2.5)
+    write_checkpoint(out, {"architectures": ["Step3p7ForConditionalGeneration"]}, tensors, shards=1)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_stacked_experts_with_fused_expert_amax_export_as_their_per_expert_form(fmt: str, tmp_path: Path) -> None:
+    """Each expert's slab of a stacked weight is what the per-expert layout of the same weights and
+    amax exports (the form checked against ModelOpt's own export in test_modelopt_interop.py); its
+    scales are stacked ``[E]``, and every expert's input scale comes from the layer's one input amax."""
+    export = export_fp8 if fmt == "fp8" else export_nvfp4
+    for stacked in (True, False):
+        write_fused_expert_amax(tmp_path / f"src-{stacked}", stacked)
+    got = load_dir(export(tmp_path / "src-True", tmp_path / "stacked"))
+    want = load_dir(export(tmp_path / "src-False", tmp_path / "per-expert"))
+    suffixes = ("weight", "weight_scale", "input_scale") + (("weight_scale_2",) if fmt == "nvfp4" else ())
+    for leaf in ("gate_proj", "up_proj", "down_proj"):
+        for suffix in suffixes:
+            slabs = got[f"model.layers.0.moe.{leaf}.{suffix}"]
+            assert slabs.shape[0] == E, (leaf, suffix)
+            for e in range(E):
+                theirs = want[f"model.layers.0.mlp.experts.{e}.{leaf}.{suffix}"]
+                assert slabs[e].dtype == theirs.dtype and same_bits(slabs[e], theirs), (leaf, suffix, e)
+    assert not any("_quantizer" in k for k in got)
+    assert json.loads((tmp_path / "stacked" / "hf_quant_config.json").read_text())["quantization"][
+        "exclude_modules"
+    ] == ["model.layers.0.moe.gate"]
+
+
+def test_fused_expert_amax_without_expert_weights_is_refused(tmp_path: Path) -> None:
+    write_fused_expert_amax(tmp_path / "src", stacked=True)
+    tensors = load_dir(tmp_path / "src")
+    del tensors["model.layers.0.moe.up_proj.weight"]
+    write_checkpoint(tmp_path / "bad", {"architectures": ["Step3p7ForConditionalGeneration"]}, tensors, shards=1)
+    with pytest.raises(BridgeError, match=r"gate_up_proj_weight_quantizers\.0\._amax: .* nor one stacked"):
+        export_fp8(tmp_path / "bad", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +39,44 @@ from bridgecore_quant.amax import (
     module_of,
 )
 
-PRODUCER = {"name": "bridgecore-quant", "version": "0.3.0"}
+PRODUCER = {"name": "bridgecore-quant", "version": "0.4.0"}
 _KV_SCALE = {KV_AMAX[0]: "k_proj.k_scale", KV_AMAX[1]: "v_proj.v_scale"}
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 Planned = Iterator[tuple[str, tuple[int, ...], torch.dtype]]
 
 
-def _check_amax(reader: CheckpointReader, name: str, weight_shape: tuple[int, ...]) -> None:
-    amax = reader.read(name, ())
-    if not (is_per_tensor(amax.shape) or tuple(amax.shape) == weight_shape[:-2]):
+@dataclass(frozen=True)
+class _Amax:
+    """Where one quantized module's amax are.
+
+    ``weight`` names its weight amax; ``input`` its input amax. With ``per_expert``, the module is a
+    stacked ``[E, out, in]`` weight whose experts ModelOpt calibrated as transformers' fused experts:
+    ``weight`` names each expert's amax in expert order (read stacked, ``[E]``), and ``input`` the one
+    input amax every expert of the layer reads (read as ``[E]`` copies: ModelOpt gives each expert its
+    own ``input_scale``).
+    """
+
+    weight: tuple[str, ...]
+    input: str
+    per_expert: bool = False
+
+    def shapes(self, reader: CheckpointReader) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        weight, inputs = tuple(reader.shape(self.weight[0])), tuple(reader.shape(self.input))
+        return ((len(self.weight), *weight), (len(self.weight), *inputs)) if self.per_expert else (weight, inputs)
+
+    def read(self, reader: CheckpointReader) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = reader.read(self.input, ())
+        if not self.per_expert:
+            return reader.read(self.weight[0], ()), inputs
+        weight = torch.stack([reader.read(name, ()) for name in self.weight])
+        return weight, inputs.expand(len(self.weight), *inputs.shape).clone()
+
+
+def _check_amax(name: str, amax: torch.Tensor, weight_shape: tuple[int, ...]) -> None:
+    batch = len(weight_shape) - 2  # the expert dim of a stacked weight
+    stacked = batch > 0 and tuple(amax.shape[:batch]) == weight_shape[:-2] and is_per_tensor(amax.shape[batch:])
+    if not (is_per_tensor(amax.shape) or stacked):
         raise BridgeError(
             f"{name}: shape {list(amax.shape)}; FP8/NVFP4 export needs a per-tensor amax ([] or [1], [E] for"
             f" stacked experts), not a per-channel or per-block one"
@@ -113,36 +142,73 @@ _FUSED_EXPERT_AMAX = re.compile(
 )
 
 
-def _quantized_modules(keys: list[str]) -> dict[str, tuple[str, str]]:
-    """Each quantized module's (weight amax, input amax) tensor names.
+#: the decoder layer a module belongs to: ``model.layers.3`` of ``model.layers.3.mlp.experts``.
+_LAYER = re.compile(r".*\.layers\.\d+")
 
-    ``<m>.weight_quantizer._amax`` and ``<m>.input_quantizer._amax``; for the per-expert projections
-    ``<experts>.<e>.{gate,up}_proj`` of transformers' fused experts, as ModelOpt names them, the
-    expert's ``<experts>.gate_up_proj_weight_quantizers.<e>._amax`` (gate and up share it) and the
-    layer's one ``<experts>.gate_up_proj_input_quantizer._amax`` (``down_proj`` alike).
+
+def _stacked_weight(reader: CheckpointReader, experts: str, leaf: str, amax: dict[int, str]) -> str:
+    """The stacked ``[E, out, in]`` weight of the layer of ``experts`` that holds the ``leaf``
+    projection of its experts (``model.layers.3.moe.gate_proj`` for ``model.layers.3.mlp.experts``:
+    Step-3.7's released layout, which transformers reads with renaming while ModelOpt names the amax
+    after the in-memory module)."""
+    example = amax[min(amax)]
+    layer = _LAYER.match(experts)
+    found = (
+        []
+        if layer is None
+        else [
+            module_of(k)
+            for k in reader.keys()
+            if k.startswith(layer[0] + ".") and k.endswith(f".{leaf}.weight") and len(reader.shape(k)) == 3
+        ]
+    )
+    if len(found) != 1:
+        raise BridgeError(
+            f"{example}: amax of transformers' fused experts, but the checkpoint has neither per-expert"
+            f" {experts}.{{e}}.{leaf}.weight nor one stacked [experts, out, in] {leaf}.weight in the same layer"
+            + (f" (found {found})" if found else "")
+        )
+    count = reader.shape(f"{found[0]}.weight")[0]
+    if sorted(amax) != list(range(count)):
+        raise BridgeError(
+            f"{example}: amax for experts {sorted(amax)}, but the stacked {found[0]}.weight holds {count} experts"
+        )
+    return found[0]
+
+
+def _quantized_modules(reader: CheckpointReader, keys: list[str]) -> dict[str, _Amax]:
+    """Where each quantized module's amax are.
+
+    ``<m>.weight_quantizer._amax`` and ``<m>.input_quantizer._amax``. For transformers' fused experts,
+    as ModelOpt names their amax: the expert's ``<experts>.gate_up_proj_weight_quantizers.<e>._amax``
+    (gate and up share it) and the layer's one ``<experts>.gate_up_proj_input_quantizer._amax``
+    (``down_proj`` alike), for the per-expert projections ``<experts>.<e>.{gate,up}_proj`` or, where
+    the checkpoint stores the experts stacked, for the layer's stacked ``gate_proj`` / ``up_proj``.
     """
-    out = {}
+    out: dict[str, _Amax] = {}
+    fused: dict[tuple[str, str], dict[int, str]] = {}
     for key in keys:
         if key.endswith(f".{WEIGHT_AMAX}"):
             module = module_of(module_of(key))
-            out[module] = (key, f"{module}.{INPUT_AMAX}")
+            out[module] = _Amax((key,), f"{module}.{INPUT_AMAX}")
         elif found := _FUSED_EXPERT_AMAX.fullmatch(key):
-            experts, fused = found["experts"], found["fused"]
-            leaves = ("gate_proj", "up_proj") if fused == "gate_up_proj" else (fused,)
-            for leaf in leaves:
-                out[f"{experts}.{found['expert']}.{leaf}"] = (key, f"{experts}.{fused}_input_quantizer._amax")
+            fused.setdefault((found["experts"], found["fused"]), {})[int(found["expert"])] = key
     present = set(keys)
-    for module, (weight_amax, input_amax) in sorted(out.items()):
-        if f"{module}.weight" not in present and _FUSED_EXPERT_AMAX.fullmatch(weight_amax):
-            raise BridgeError(
-                f"{weight_amax}: amax of transformers' fused experts, but the checkpoint has no per-expert"
-                f" {module}.weight (its experts are stored under other names, e.g. stacked as in Step-3.7's"
-                " released layout); FP8/NVFP4 export of such experts is not supported"
-            )
+    for (experts, name), amax in sorted(fused.items()):
+        inputs = f"{experts}.{name}_input_quantizer._amax"
+        for leaf in ("gate_proj", "up_proj") if name == "gate_up_proj" else (name,):
+            if all(f"{experts}.{e}.{leaf}.weight" in present for e in amax):
+                out |= {f"{experts}.{e}.{leaf}": _Amax((key,), inputs) for e, key in amax.items()}
+                continue
+            stacked = _stacked_weight(reader, experts, leaf, amax)
+            if stacked in out:
+                raise BridgeError(f"{out[stacked].weight[0]}: {stacked} also has amax of transformers' fused experts")
+            out[stacked] = _Amax(tuple(amax[e] for e in sorted(amax)), inputs, per_expert=True)
+    for module, amax in sorted(out.items()):
         if f"{module}.weight" not in present:
-            raise BridgeError(f"{weight_amax}: the checkpoint has no {module}.weight to quantize")
-        if input_amax not in present:
-            raise BridgeError(f"{input_amax}: missing; weight-and-activation formats need the input amax too")
+            raise BridgeError(f"{amax.weight[0]}: the checkpoint has no {module}.weight to quantize")
+        if amax.input not in present:
+            raise BridgeError(f"{amax.input}: missing; weight-and-activation formats need the input amax too")
     return out
 
 
@@ -157,11 +223,11 @@ def shared_input_groups(quantized: Collection[str]) -> list[list[str]]:
 
 
 def resolved_amax(
-    reader: CheckpointReader, fmt: str, quantized: dict[str, tuple[str, str]]
+    reader: CheckpointReader, fmt: str, quantized: dict[str, _Amax]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(weight amax, input amax) each quantized module is exported with: its own for FP8, its
     shared-input group's max for NVFP4, as ModelOpt's exporter does."""
-    own = {m: (reader.read(weight, ()), reader.read(inputs, ())) for m, (weight, inputs) in quantized.items()}
+    own = {m: amax.read(reader) for m, amax in quantized.items()}
     if fmt != "nvfp4":
         return own
     out = {}
@@ -182,7 +248,7 @@ def _is_quantizer_state(key: str) -> bool:
     return "_quantizer." in key or _FUSED_EXPERT_AMAX.fullmatch(key) is not None
 
 
-def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: dict[str, tuple[str, str]]) -> Planned:
+def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: dict[str, _Amax]) -> Planned:
     """What :func:`_converted` writes, in its order, from shapes and the (small) amax alone."""
     for key in keys:
         if _is_quantizer_state(key):
@@ -192,15 +258,15 @@ def _planned(reader: CheckpointReader, keys: list[str], fmt: str, quantized: dic
             elif not (key.endswith((WEIGHT_AMAX, INPUT_AMAX)) or _FUSED_EXPERT_AMAX.fullmatch(key)):
                 raise BridgeError(f"{key}: quantizer state other than amax cannot be exported to {fmt}")
         elif key.endswith(".weight") and module_of(key) in quantized:
-            module, weight = module_of(key), reader.shape(key)
-            for amax in quantized[module]:
-                _check_amax(reader, amax, weight)
-            yield from _PLANS[fmt](module, weight, *(reader.shape(amax) for amax in quantized[module]))
+            module, weight, amax = module_of(key), tuple(reader.shape(key)), quantized[module_of(key)]
+            for name, tensor in zip((amax.weight[0], amax.input), amax.read(reader), strict=True):
+                _check_amax(name, tensor, weight)
+            yield from _PLANS[fmt](module, weight, *amax.shapes(reader))
         else:
             yield key, reader.shape(key), reader.dtype(key)
 
 
-def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: dict[str, tuple[str, str]]) -> Tensors:
+def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: dict[str, _Amax]) -> Tensors:
     amax = resolved_amax(reader, fmt, quantized)
     for key in keys:
         if _is_quantizer_state(key):
@@ -294,7 +360,7 @@ def export(
     check_target(out_dir, overwrite)
     with CheckpointReader(src_dir) as reader:
         keys = reader.keys()
-        quantized = _quantized_modules(keys)
+        quantized = _quantized_modules(reader, keys)
         if not quantized:
             raise BridgeError(
                 f"{src_dir}: no tensor ends in .{WEIGHT_AMAX}; export a calibrated model (with quantizer state) first"

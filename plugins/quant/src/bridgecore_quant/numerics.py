@@ -30,9 +30,12 @@ def fp8_quantize(weight: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor
 
     The division follows torch's type promotion as ModelOpt's export does: a bf16 weight over a
     0-dim fp32 scale (a ``[]`` amax) is divided in bf16, so the quotient is rounded to bf16 before
-    E4M3; ``[1]`` and per-expert ``[E]`` scales divide in fp32.
+    E4M3; a ``[1]`` scale divides in fp32. A stacked ``[E, out, in]`` weight with an ``[E]`` amax is
+    quantized expert by expert, each as ModelOpt's export quantizes one expert with its ``[]`` amax.
     """
     scale = amax.float() / E4M3_MAX
+    if weight.dim() > 2 and scale.dim() == weight.dim() - 2 and scale.shape == weight.shape[:-2]:
+        return torch.stack([fp8_quantize(w, a)[0] for w, a in zip(weight, amax, strict=True)]), scale
     scaled = weight / (scale if scale.dim() == 0 else _per_leading(scale, weight.dim()))
     return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
