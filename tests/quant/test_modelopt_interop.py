@@ -11,13 +11,16 @@ never sees their weights.
 
 The MoE's routed experts are transformers' fused experts: ModelOpt names their amax after the fused
 modules (one weight amax per expert, one input amax shared by a layer's experts) while the weights
-keep the checkpoint's per-expert names. Runs only where nvidia-modelopt is installed
-(``nox -s tests-modelopt``).
+keep the checkpoint's per-expert names. Step-3.7 (and Step-3.5, its language model) keeps its
+stacked experts under the released names; ModelOpt's export writes transformers' in-memory names,
+so the comparison reads bridgecore's export through that name map. Runs only where nvidia-modelopt
+is installed (``nox -s tests-modelopt``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli_e2e import PLUGINS, bridgecore, load_dir, write_family_tiny
+
+from bridgecore.tiny import write_checkpoint
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 modelopt_export = pytest.importorskip("modelopt.torch.export")
@@ -78,14 +83,17 @@ def calibrated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return family, fmt, saved, reference
 
 
-def assert_same_files(got: Path, want: Path) -> None:
-    ours, theirs = load_dir(got), load_dir(want)
+def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     assert sorted(ours) == sorted(theirs)
     for name, tensor in theirs.items():
         mine = ours[name]
         assert (mine.dtype, mine.shape) == (tensor.dtype, tensor.shape), name
         bits = (lambda t: t.view(torch.uint8)) if tensor.element_size() == 1 else (lambda t: t)
         assert torch.equal(bits(mine), bits(tensor)), name
+
+
+def assert_same_files(got: Path, want: Path) -> None:
+    assert_same_tensors(load_dir(got), load_dir(want))
     ours_q, theirs_q = (json.loads((d / "hf_quant_config.json").read_text()) for d in (got, want))
     assert ours_q["producer"]["name"] == "bridgecore-quant" and theirs_q["producer"]["name"] == "modelopt"
     assert ours_q["quantization"] == theirs_q["quantization"]
@@ -124,21 +132,121 @@ def test_export_straight_from_the_calibrated_checkpoint_equals_modelopt(calibrat
     assert_same_files(export(fmt, saved, tmp_path / fmt), reference)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
-def test_step37_roundtrips_and_its_fused_experts_export_is_refused(fmt: str, tmp_path: Path) -> None:
+#: Step-3.7's released names -> the in-memory names of transformers' Step3p7ForConditionalGeneration
+#: (its conversion mapping ``step3p7``, text part), which ModelOpt's export writes for this model: its
+#: quant-aware reverse of that mapping gives up on the stacked experts' concatenation.
+IN_MEMORY = (
+    (re.compile(r"^model\.(embed_tokens|layers|norm)\."), r"model.language_model.\1."),
+    (re.compile(r"\.moe\.gate\.weight$"), ".mlp.gate.weight"),
+    (re.compile(r"\.moe\.router_bias$"), ".mlp.gate.e_score_correction_bias"),
+    (re.compile(r"\.share_expert\."), ".mlp.shared_experts."),
+)
+STACKED = re.compile(r"model\.layers\.(?P<layer>\d+)\.moe\.(?P<leaf>(gate|up|down)_proj)\.(?P<suffix>\w+)")
+#: the vision tower and projector, which transformers also re-lays out on load (q/k/v split, 2D-rope
+#: permutation): in the released layout, and as ModelOpt writes them.
+VISION = ("vision_model.", "vit_large_projector.")
+MODELOPT_VISION = ("model.vision_model.", "model.multi_modal_projector.")
+
+
+def in_memory_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A released-layout text model's tensors under the names ModelOpt's export writes: a stacked
+    expert tensor ``[E, ...]`` as ``E`` per-expert ones, the others renamed."""
+    out = {}
+    for name, tensor in tensors.items():
+        if found := STACKED.fullmatch(name):
+            prefix = f"model.language_model.layers.{found['layer']}.mlp.experts"
+            out |= {f"{prefix}.{e}.{found['leaf']}.{found['suffix']}": slab for e, slab in enumerate(tensor)}
+            continue
+        for pattern, replacement in IN_MEMORY:
+            name = pattern.sub(replacement, name)
+        out[name] = tensor
+    return out
+
+
+def in_memory_module(module: str) -> str:
+    """An ``exclude_modules`` entry of the released layout under ModelOpt's names for Step-3.7."""
+    for released, in_memory in zip(VISION, MODELOPT_VISION, strict=True):
+        if module.startswith(released.rstrip(".")):
+            return in_memory.rstrip(".") + module.removeprefix(released.rstrip("."))
+    return next(iter(in_memory_names({f"{module}.weight": torch.empty(0)}))).removesuffix(".weight")
+
+
+def quantization(path: Path) -> dict:
+    return json.loads((path / "hf_quant_config.json").read_text())["quantization"]
+
+
+def step35_from_step37(saved: Path, out: Path) -> Path:
+    """Step-3.5's released layout from a calibrated Step-3.7: its language model (transformers'
+    Step-3.5 decoder class, ``Step3p7TextModel``, the one transformers has) under the same names,
+    with the Step-3.5 config of that text config; the vision tower and projector left out."""
+    from bridgecore_step35.tiny import TINY_CONFIG
+
+    tensors = {k: v for k, v in load_dir(saved).items() if not k.startswith(VISION)}
+    # the config ModelOpt's model was loaded from (transformers re-saves it in its own form)
+    text = json.loads((saved.parent / "source" / "config.json").read_text())["text_config"]
+    config = {**TINY_CONFIG, **text, "architectures": TINY_CONFIG["architectures"], "model_type": "step3p5"}
+    write_checkpoint(out, config, tensors, shards=1)
+    return out
+
+
+@pytest.fixture(scope="module", params=["fp8", "nvfp4"])
+def step37_calibrated(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, Path]:
+    fmt = request.param
+    saved, reference = modelopt_calibrated("step37", fmt, tmp_path_factory.mktemp(f"modelopt-step37-{fmt}"))
+    return fmt, saved, reference
+
+
+@pytest.mark.parametrize("family", ["step37", "step35"])
+def test_step_family_export_equals_modelopt_export_under_its_names(
+    step37_calibrated, family: str, tmp_path: Path
+) -> None:
     """Step-3.7 keeps its released layout on save (stacked ``moe.*`` expert weights) while ModelOpt's
-    expert amax keep transformers' names (``mlp.experts.*``): import and round trip map them; the
-    deployable export of those experts is refused in one line (ModelOpt's own export writes
-    transformers' in-memory names, per expert, which bridgecore does not)."""
-    saved, _ = modelopt_calibrated("step37", fmt, tmp_path)
+    expert amax keep transformers' names (``mlp.experts.*``): import and round trip at TP 2 x EP 2
+    are bit-exact, and ``export --quant`` equals ModelOpt's export tensor by tensor once each stacked
+    expert tensor is read as its per-expert slabs and the rest under transformers' in-memory names
+    (which ModelOpt's export writes for this model, and bridgecore does not). Step-3.5 is Step-3.7's
+    language model in its own released layout, compared with the text part of the same export."""
+    fmt, saved, reference = step37_calibrated
+    if family == "step35":
+        saved = step35_from_step37(saved, tmp_path / "step35")
     assert "model.layers.2.mlp.experts.gate_up_proj_input_quantizer._amax" in load_dir(saved)
-    plugins, out = PLUGINS["step37"], tmp_path / "out"
+    plugins, out = PLUGINS[family], tmp_path / "out"
     result = bridgecore(plugins, "roundtrip", str(saved), "--tp", "2", "--ep", "2", "--keep", str(out), nproc=2)
     assert "bit-exact" in result.stdout
     assert sorted(load_dir(out)) == sorted(load_dir(saved))
     bridgecore(plugins, "import", str(saved), str(tmp_path / "megatron"), "--tp", "2", "--ep", "2", nproc=2)
-    with pytest.raises(AssertionError) as failed:
-        bridgecore(plugins, "export", str(tmp_path / "megatron"), str(tmp_path / fmt), "--quant", fmt)
-    message = str(failed.value)
-    assert "bridgecore: error: model.layers.2.mlp.experts." in message and "not supported" in message
-    assert "Traceback" not in message
+    bridgecore(plugins, "export", str(tmp_path / "megatron"), str(tmp_path / fmt), "--quant", fmt)
+    ours, theirs = load_dir(tmp_path / fmt), load_dir(reference)
+    assert_same_tensors(
+        in_memory_names({k: v for k, v in ours.items() if not k.startswith(VISION)}),
+        {k: v for k, v in theirs.items() if not k.startswith(MODELOPT_VISION)},
+    )
+
+    def ours_mapped(modules: list[str]) -> list[str]:
+        return sorted(in_memory_module(m) for m in modules)
+
+    def theirs_here(modules: list[str]) -> list[str]:  # Step-3.5 has no vision tower
+        vision = tuple(v.rstrip(".") for v in MODELOPT_VISION)
+        return sorted(m for m in modules if family == "step37" or not m.startswith(vision))
+
+    ours_q, theirs_q = quantization(tmp_path / fmt), quantization(reference)
+    ours_q["exclude_modules"] = ours_mapped(ours_q["exclude_modules"])
+    theirs_q["exclude_modules"] = theirs_here(theirs_q["exclude_modules"])
+    assert ours_q == theirs_q
+    ours_c, theirs_c = (
+        json.loads((d / "config.json").read_text())["quantization_config"] for d in (tmp_path / fmt, reference)
+    )
+    ours_c |= {"producer": None, "ignore": ours_mapped(ours_c["ignore"])}
+    assert ours_c == theirs_c | {"producer": None, "ignore": theirs_here(theirs_c["ignore"])}
+    if family == "step35":
+        return
+    # the vision tower: bridgecore's as read (unquantized, released layout), ModelOpt's as transformers holds it
+    import transformers
+
+    source = load_dir(saved)
+    assert all(torch.equal(ours[k], source[k]) for k in ours if k.startswith(VISION))
+    held = transformers.Step3p7ForConditionalGeneration.from_pretrained(saved, dtype=torch.bfloat16).state_dict()
+    vision = {k: v for k, v in theirs.items() if k.startswith(MODELOPT_VISION)}
+    assert vision and all(torch.equal(v, held[k]) for k, v in vision.items())

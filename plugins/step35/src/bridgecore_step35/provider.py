@@ -109,7 +109,8 @@ def _layer_list(
     if len(value) == layers:
         first = {t: value[types.index(t)] for t in set(types[:layers])} if by_type else {}
         return list(value) + [first.get(t, default) for t in types[layers:]]
-    raise BridgeError(f"config.json {key} has {len(value)} entries, expected {layers} or {total}")
+    expected = f"{layers} (one per layer) or {total} (layers and MTP layers)" if total != layers else f"{layers}"
+    raise BridgeError(f"config.json {key} has {len(value)} entries, expected {expected}")
 
 
 def _need(cfg: dict[str, Any], key: str) -> Any:
