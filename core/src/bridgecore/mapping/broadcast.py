@@ -14,10 +14,10 @@ from collections.abc import Iterable
 import torch
 
 from bridgecore.errors import BridgeError
-from bridgecore.mapping.types import HFPiece, Mapping, Shard, Source
+from bridgecore.mapping.types import HFPiece, Mapping, Wrapper
 
 
-class Broadcast(Mapping):
+class Broadcast(Wrapper):
     """``inner`` for every value of the Megatron capture ``over``, which the HF names lack.
 
     ModelOpt's one input amax shared by all experts of a layer is this kind: every
@@ -30,18 +30,11 @@ class Broadcast(Mapping):
             raise ValueError(f"{inner}: a broadcast over {{{over}}} needs it in the Megatron pattern")
         if any(over in p.fields for p in inner.hf):
             raise ValueError(f"{inner}: the HF tensors of a broadcast over {{{over}}} carry no {{{over}}} capture")
-        self.inner, self.over = inner, over
-        self.megatron, self.hf, self.layers = inner.megatron, inner.hf, inner.layers
+        super().__init__(inner)
+        self.over = over
 
     def __repr__(self) -> str:
         return f"Broadcast[{self.over}]({self.inner!r})"
-
-    @property
-    def partition_dim(self) -> int | None:  # type: ignore[override]
-        return self.inner.partition_dim
-
-    def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
-        return self.inner.to_megatron(source, captures, shard)
 
     def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
         pieces = self.inner.to_hf(shards, captures)

@@ -380,7 +380,26 @@ class FusedQKV(Segmented):
         return segments
 
 
-class Stacked(Mapping):
+class Wrapper(Mapping):
+    """A mapping around another one (``inner``): its patterns, layers and TP split, and by default its
+    conversions; a subclass changes what passes through."""
+
+    def __init__(self, inner: Mapping):
+        self.inner = inner
+        self.megatron, self.hf, self.layers = inner.megatron, inner.hf, inner.layers
+
+    @property
+    def partition_dim(self) -> int | None:  # type: ignore[override]
+        return self.inner.partition_dim
+
+    def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
+        return self.inner.to_megatron(source, captures, shard)
+
+    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
+        return self.inner.to_hf(shards, captures)
+
+
+class Stacked(Wrapper):
     """Per-expert Megatron params ↔ HF tensors stacked over experts along dim 0 (`[E, ...]`).
 
     Wraps the per-expert mapping (`inner`): its Megatron pattern carries `{expert}`, its HF patterns do
@@ -393,15 +412,11 @@ class Stacked(Mapping):
             raise ValueError(f"{inner}: a stacked mapping needs {{expert}} in the Megatron pattern")
         if any("expert" in p.fields for p in inner.hf):
             raise ValueError(f"{inner}: stacked HF tensors carry no {{expert}} capture")
-        self.inner, self.num_experts = inner, num_experts
-        self.megatron, self.hf, self.layers = inner.megatron, inner.hf, inner.layers
+        super().__init__(inner)
+        self.num_experts = num_experts
 
     def __repr__(self) -> str:
         return f"Stacked[{self.num_experts}]({self.inner!r})"
-
-    @property
-    def partition_dim(self) -> int | None:  # type: ignore[override]
-        return self.inner.partition_dim
 
     def _expert(self, captures: dict[str, int]) -> int:
         expert = captures["expert"]
@@ -440,7 +455,7 @@ class _ExpertSlab:
         return self.source.read(name, (self.expert, *index))
 
 
-class Shifted(Mapping):
+class Shifted(Wrapper):
     """A value transform around another mapping: Megatron = HF + delta, computed in fp32.
 
     For the one norm whose HF weight is plain while Megatron keeps it zero-centered (Qwen3.5 GDN
@@ -449,15 +464,11 @@ class Shifted(Mapping):
     """
 
     def __init__(self, inner: Mapping, delta: float):
-        self.inner, self.delta = inner, delta
-        self.megatron, self.hf, self.layers = inner.megatron, inner.hf, inner.layers
+        super().__init__(inner)
+        self.delta = delta
 
     def __repr__(self) -> str:
         return f"Shifted[{self.delta:+g}]({self.inner!r})"
-
-    @property
-    def partition_dim(self) -> int | None:  # type: ignore[override]
-        return self.inner.partition_dim
 
     def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
         return self.inner.to_megatron(source, captures, shard).float() + self.delta
