@@ -270,8 +270,10 @@ def test_exclude_list_is_summarized_with_prefix_wildcards() -> None:
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal dtype, shape and bits (one-byte float dtypes compared as bytes: NaN and -0 count)."""
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
     a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return torch.equal(a, b)
 
 
 def write_fused_expert_amax(out: Path, stacked: bool) -> None:
@@ -314,7 +316,7 @@ def test_stacked_experts_with_fused_expert_amax_export_as_their_per_expert_form(
             assert slabs.shape[0] == E, (leaf, suffix)
             for e in range(E):
                 theirs = want[f"model.layers.0.mlp.experts.{e}.{leaf}.{suffix}"]
-                assert slabs[e].dtype == theirs.dtype and same_bits(slabs[e], theirs), (leaf, suffix, e)
+                assert same_bits(slabs[e], theirs), (leaf, suffix, e)
     assert not any("_quantizer" in k for k in got)
     assert json.loads((tmp_path / "stacked" / "hf_quant_config.json").read_text())["quantization"][
         "exclude_modules"

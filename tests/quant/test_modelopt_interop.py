@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli_e2e import PLUGINS, bridgecore, load_dir, write_family_tiny
+from test_formats import same_bits
 
 from bridgecore.tiny import write_checkpoint
 
@@ -86,10 +87,7 @@ def calibrated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     assert sorted(ours) == sorted(theirs)
     for name, tensor in theirs.items():
-        mine = ours[name]
-        assert (mine.dtype, mine.shape) == (tensor.dtype, tensor.shape), name
-        bits = (lambda t: t.view(torch.uint8)) if tensor.element_size() == 1 else (lambda t: t)
-        assert torch.equal(bits(mine), bits(tensor)), name
+        assert same_bits(ours[name], tensor), (name, ours[name].dtype, tensor.dtype)
 
 
 def assert_same_files(got: Path, want: Path) -> None:

@@ -146,22 +146,19 @@ _FUSED_EXPERT_AMAX = re.compile(
 _LAYER = re.compile(r".*\.layers\.\d+")
 
 
-def _stacked_weight(reader: CheckpointReader, experts: str, leaf: str, amax: dict[int, str]) -> str:
+def _stacked_weight(reader: CheckpointReader, keys: list[str], experts: str, leaf: str, amax: dict[int, str]) -> str:
     """The stacked ``[E, out, in]`` weight of the layer of ``experts`` that holds the ``leaf``
     projection of its experts (``model.layers.3.moe.gate_proj`` for ``model.layers.3.mlp.experts``:
     Step-3.7's released layout, which transformers reads with renaming while ModelOpt names the amax
     after the in-memory module)."""
     example = amax[min(amax)]
     layer = _LAYER.match(experts)
-    found = (
-        []
-        if layer is None
-        else [
-            module_of(k)
-            for k in reader.keys()
-            if k.startswith(layer[0] + ".") and k.endswith(f".{leaf}.weight") and len(reader.shape(k)) == 3
-        ]
-    )
+    prefix = f"{layer[0]}." if layer else None
+    found = [
+        module_of(k)
+        for k in keys
+        if prefix and k.startswith(prefix) and k.endswith(f".{leaf}.weight") and len(reader.shape(k)) == 3
+    ]
     if len(found) != 1:
         raise BridgeError(
             f"{example}: amax of transformers' fused experts, but the checkpoint has neither per-expert"
@@ -200,7 +197,7 @@ def _quantized_modules(reader: CheckpointReader, keys: list[str]) -> dict[str, _
             if all(f"{experts}.{e}.{leaf}.weight" in present for e in amax):
                 out |= {f"{experts}.{e}.{leaf}": _Amax((key,), inputs) for e, key in amax.items()}
                 continue
-            stacked = _stacked_weight(reader, experts, leaf, amax)
+            stacked = _stacked_weight(reader, keys, experts, leaf, amax)
             if stacked in out:
                 raise BridgeError(f"{out[stacked].weight[0]}: {stacked} also has amax of transformers' fused experts")
             out[stacked] = _Amax(tuple(amax[e] for e in sorted(amax)), inputs, per_expert=True)
