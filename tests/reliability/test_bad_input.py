@@ -173,10 +173,10 @@ def test_expert_count_differing_from_the_config(cli: Cli, step35_dir: Path, tmp_
 
 
 def test_plugin_exception_is_one_line_naming_the_plugin(llama_dir: Path, tmp_path: Path) -> None:
-    """A bug in a plugin (here: the example divides by a zero head count) is reported, not dumped."""
-    edit_config(llama_dir, num_attention_heads=0, head_dim=None)
+    """A bug in a plugin (here: the example takes ``rope_parameters`` for an object) is reported, not dumped."""
+    edit_config(llama_dir, rope_parameters="linear")
     line = run_process("inspect", llama_dir).error_line()
-    assert "plugin llama_example (bridgecore-llama-example" in line and "ZeroDivisionError" in line
+    assert "plugin llama_example (bridgecore-llama-example" in line and "AttributeError" in line
     assert "__init__.py:" in line and line.endswith("rerun with --traceback for details")
     full = run_process("inspect", llama_dir, "--traceback")
     assert full.returncode == 1 and "Traceback" in full.stderr and "bridgecore_llama_example" in full.stderr

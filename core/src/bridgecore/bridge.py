@@ -23,8 +23,9 @@ import torch.distributed as dist
 from bridgecore import __version__
 from bridgecore.conversion import ConversionPlan
 from bridgecore.errors import BridgeError
-from bridgecore.hf.config import read_config
+from bridgecore.hf.config import read_config, side_files
 from bridgecore.hf.reader import INDEX_FILE, CheckpointReader
+from bridgecore.hf.values import CORE_KEYS, check_values
 from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
 from bridgecore.mapping import Binding, Copies, HFPiece, MappingTable
 from bridgecore.megatron import parallel
@@ -225,6 +226,7 @@ class AutoBridge:
         """Read ``config.json`` (plain JSON, never remote code) and, lazily, the safetensors files."""
         hf_dir = Path(path)
         hf_config = read_config(hf_dir)
+        side_files(hf_dir)  # refused now, not at the end of the conversion that would copy them
         return cls.from_hf_config(
             hf_config,
             hf_dir=hf_dir,
@@ -249,6 +251,8 @@ class AutoBridge:
         plugins = plugins or installed()
         where = str(hf_dir / "config.json") if hf_dir else "config"
         owner = plugins.choose(hf_config, plugin, where=where)
+        family = plugins.call_owned("config_values", owner) if "config_values" in owner.hooks else None
+        check_values(hf_config, {**CORE_KEYS, **(family or {})}, where)
         config = plugins.call_owned("provider_config", owner, hf_config=hf_config)
         if config is None:
             raise BridgeError(f"{where}: plugin {owner.name} declined this config")
@@ -431,10 +435,10 @@ class AutoBridge:
         """Copy the HF weights into ``model``, every tensor read only for the slices this rank holds.
 
         With ``share_source`` a param whose value comes out whole, contiguous and in its dtype takes
-        that value as its data instead of a copy: a slice of the memory-mapped source file (private,
-        so writes never reach it) or the new tensor the mapping made. That saves the first touch of
-        the model's memory and a copy of every such param; the model must not outlive changes to the
-        source files, so only a caller that saves the model and drops it (``bridgecore import``) asks."""
+        that value as its data instead of a copy: the bytes the reader read for it, or the new tensor
+        the mapping made. That saves a copy of every such param and the model's own allocation; such
+        a param may be a view of a larger read (a slice along an inner dim), so only a caller that
+        saves the model and drops it (``bridgecore import``) asks."""
         if self.reader is None:
             raise BridgeError("this bridge was made without weights (from a config only)")
         bound = parallel.collective(self.bind, model, self.hf_keys, allow_unmapped)
@@ -583,9 +587,12 @@ class AutoBridge:
             yield name, self.passthrough_reader.read(name, ())
 
     def save_hf_pretrained(
-        self, model: Model, out_dir: str | Path, *, max_shard_size: int | str = "5GB", overwrite: bool = False
+        self, model: Model, out_dir: str | Path, *, max_shard_size: int | str | None = None, overwrite: bool = False
     ) -> Path:
-        """Write the HF checkpoint, all writer ranks in parallel; ``out_dir`` appears when complete."""
+        """Write the HF checkpoint, all writer ranks in parallel; ``out_dir`` appears when complete.
+
+        Without ``max_shard_size`` the source checkpoint's own files are restored where it is known,
+        else shards of 5 GB; with it, shards of at most that size."""
         out_dir = Path(out_dir)
         parallel.collective(check_target, out_dir, overwrite)
         bound = parallel.collective(self.bind, model, None)
@@ -600,7 +607,8 @@ class AutoBridge:
                         if copies.keep(p):
                             writer.write(p.name, p.tensor, expert=p.expert)
 
-        conversion.write_hf(out_dir, plan, parse_size(max_shard_size), write, overwrite)
+        size = None if max_shard_size is None else parse_size(max_shard_size)
+        conversion.write_hf(out_dir, plan, size, write, overwrite)
         return out_dir
 
 

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from bridgecore.bridge import AutoBridge
     from bridgecore.plugins import PluginInfo
 
+SHARD_HELP = (
+    "largest safetensors file, e.g. 5GB; without it the source checkpoint's own files (names, split, index)"
+    " are restored where known, else 5GB shards"
+)
 #: --params-dtype choices, torch dtype names (torch is imported only by the commands that convert).
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -297,7 +301,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
             hint = install_hint("bridgecore-quant")
             raise BridgeError(f"--quant {args.quant}: no installed plugin offers it; {hint}")
-        from bridgecore.hf.writer import temporary_prefix
+        from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, temporary_prefix
         from bridgecore.megatron import parallel
 
         # The calibrated export is staged beside the target (same filesystem), on rank 0's choice.
@@ -306,7 +310,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             bridge.save_hf_pretrained(model, staging / "calibrated", max_shard_size=args.max_shard_size)
             if _rank() == 0:
-                formats[args.quant](staging / "calibrated", target, args.overwrite, max_shard_size=args.max_shard_size)
+                # a quantized export has other tensors than the source: sharded by size
+                size = args.max_shard_size or DEFAULT_MAX_SHARD_SIZE
+                formats[args.quant](staging / "calibrated", target, args.overwrite, max_shard_size=size)
         finally:
             if _rank() == 0:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -350,7 +356,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
     from bridgecore.bridge import AutoBridge
-    from bridgecore.compare import LogitsParity
+    from bridgecore.compare import LogitsParity, nonfinite
     from bridgecore.megatron import parallel
     from bridgecore.megatron.compat import cpu_compat
 
@@ -390,13 +396,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     def compare() -> None:
         if parallel.rank() != 0:
             return
-        parity = LogitsParity.of(ours, reference(Path(args.hf_dir), tokens))
+        theirs = reference(Path(args.hf_dir), tokens)
+        broken = [
+            found for logits, side in ((ours, "Megatron"), (theirs, "reference")) if (found := nonfinite(logits, side))
+        ]
+        if broken:
+            raise BridgeError(f"{args.hf_dir}: {'; '.join(broken)}; expected finite logits on both sides")
+        parity = LogitsParity.of(ours, theirs)
         say(
             f"logits {list(ours.shape)} at {layout}: max abs diff {parity.max_abs_diff:.3e}"
             f" (mean {parity.mean_abs_diff:.3e}) against a largest reference |logit| of {parity.scale:.3g}:"
             f" relative {parity.relative:.3e}, tolerance {args.rtol:g}; argmax agreement {parity.argmax_agreement:.1%}"
         )
-        if parity.relative > args.rtol:
+        if not parity.passes(args.rtol):
             raise BridgeError(
                 f"{args.hf_dir}: Megatron logits differ from the transformers reference by {parity.relative:.3e} of the"
                 f" largest reference logit, above the tolerance {args.rtol:g} (--rtol)"
@@ -492,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="export iter_NNNNNNN/ of a training run (default: the one latest_checkpointed_iteration.txt names)",
     )
     _layout_args(p)
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--max-shard-size", help=SHARD_HELP)
     p.add_argument("--quant", help="also quantize: fp8 or nvfp4 (needs bridgecore-quant)")
     p.add_argument(
         "--offline",
@@ -511,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", type=Path)
     _source_args(p)
     _layout_args(p)
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", help=SHARD_HELP)
     p.add_argument("--keep", metavar="DIR", help="keep the exported HF checkpoint in DIR")
     p.add_argument("--overwrite", action="store_true", help="with --keep, replace DIR")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
@@ -565,16 +577,33 @@ class Terminated(BaseException):
     so every temporary this run made is removed on the way out."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+#: the interrupting signals this run received, in order: a write they cut short may report itself as
+#: a failed write (torch.save's stream writer turns the exception into "unexpected pos ..."), so any
+#: failure after one is reported as the interruption.
+_received: list[int] = []
+#: the error another rank published before this one was stopped (see ``parallel.first_error``).
+_peer_error: list[str] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if not sys.warnoptions:  # megatron-core warns about absent GPU libraries at import; -W shows them
         warnings.simplefilter("ignore")
     args = build_parser().parse_args(argv)
+    _received.clear()
+    _peer_error.clear()
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in handled}
+    if main_thread:
+        for s in handled:
+            # a SIGINT ignored by whoever started us (a background job) stays ignored
+            if s != signal.SIGINT or previous[s] is signal.default_int_handler:
+                signal.signal(s, _interrupt)
     try:
         return _report(args)
     except KeyboardInterrupt:
@@ -582,18 +611,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Terminated:
         print(
-            f"bridgecore: error: {_who()}stopped by SIGTERM (under torchrun: another rank failed, and torchrun's"
-            " report names it); the output path was left as it was",
+            f"bridgecore: error: {_who()}stopped by SIGTERM{_why_stopped()}; the output path was left as it was",
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            for s in handled:
+                signal.signal(s, previous[s])
 
 
 def _who() -> str:
-    return f"rank {_rank()}: " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+    return f"rank {_rank()}: " if _under_torchrun() else ""
+
+
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1"
+
+
+def _why_stopped() -> str:
+    if not _under_torchrun():
+        return ""
+    if _peer_error:
+        return f" after {_peer_error[0]}"
+    return " (under torchrun: another rank failed, and torchrun's report names it)"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -613,30 +654,41 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException:
         # a failed command drops its group too, without the final barrier: the other ranks may be gone
         if "bridgecore.megatron.parallel" in sys.modules:
-            sys.modules["bridgecore.megatron.parallel"].forget()
+            parallel = sys.modules["bridgecore.megatron.parallel"]
+            found = parallel.first_error()
+            if found and not found.startswith(f"rank {_rank()}: "):
+                _peer_error.append(found)
+            parallel.forget()
         raise
 
 
 def _report(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except BridgeError as exc:
+    except Exception as exc:
+        if _received:
+            raise (KeyboardInterrupt if _received[0] == signal.SIGINT else Terminated)() from exc
+        return _failed(args, exc)
+
+
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
+    """Print ``exc`` as one line (a plugin's failure named as such), or re-raise a core bug."""
+    if isinstance(exc, BridgeError):
         if args.traceback:
-            raise
+            raise exc
         print(f"bridgecore: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        culprit = None if args.traceback else _plugin_frame(exc)
-        if culprit is None:  # a bug in the core stays a full traceback
-            raise
-        info, where = culprit
-        message = " ".join(str(exc).split())[:300]
-        print(
-            f"bridgecore: error: plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
-            f" {type(exc).__name__}: {message}; rerun with --traceback for details",
-            file=sys.stderr,
-        )
-        return 2
+    culprit = None if args.traceback else _plugin_frame(exc)
+    if culprit is None:  # a bug in the core stays a full traceback
+        raise exc
+    info, where = culprit
+    message = " ".join(str(exc).split())[:300]
+    print(
+        f"bridgecore: error: plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
+        f" {type(exc).__name__}: {message}; rerun with --traceback for details",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _plugin_frame(exc: BaseException) -> tuple[PluginInfo, str] | None:

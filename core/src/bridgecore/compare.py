@@ -89,3 +89,19 @@ class LogitsParity:
             relative=diff.max().item() / max(scale, torch.finfo(torch.float32).tiny),
             argmax_agreement=(ours.argmax(-1) == reference.argmax(-1)).float().mean().item(),
         )
+
+    def passes(self, rtol: float) -> bool:
+        """Whether the difference is within ``rtol`` of the scale; a NaN difference never is."""
+        return self.relative <= rtol
+
+
+def nonfinite(logits: torch.Tensor, side: str) -> str | None:
+    """Where ``side``'s logits are NaN or infinite, as one phrase, or None when all are finite."""
+    bad = ~torch.isfinite(logits)
+    if not bool(bad.any()):
+        return None
+    first = tuple(bad.nonzero()[0].tolist())
+    return (
+        f"the {side} logits hold {int(bad.sum())} non-finite values of {logits.numel()}"
+        f" (the first, {logits[first].item()}, at index {list(first)})"
+    )

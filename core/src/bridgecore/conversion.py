@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bridgecore.errors import BridgeError
-from bridgecore.hf.writer import PlanEntry, ShardedWriter
+from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, PlanEntry, ShardedWriter
 from bridgecore.mapping import Copies, MappingTable
 from bridgecore.mapping.table import Coverage
 from bridgecore.megatron import parallel
@@ -98,7 +98,7 @@ class ConversionPlan:
         self,
         out_dir: Path,
         entries: Sequence[PlanEntry],
-        max_shard_size: int,
+        max_shard_size: int | None,
         write: Callable[[ShardedWriter, Copies], None],
         overwrite: bool = False,
     ) -> None:
@@ -153,13 +153,15 @@ class ConversionPlan:
             writer.write(name, reader.read(name, ()))
 
     def hf_writer(
-        self, out_dir: Path, entries: Sequence[PlanEntry], max_shard_size: int, temp_dir: Path | None = None
+        self, out_dir: Path, entries: Sequence[PlanEntry], max_shard_size: int | None, temp_dir: Path | None = None
     ) -> ShardedWriter:
-        """The writer of the HF export ``entries``: the source's files when every tensor has one there
-        (same file names, each with its tensors in source order, and the index), otherwise shards of
-        ``max_shard_size``. With ``temp_dir`` it attaches to the one another rank created."""
+        """The writer of the HF export ``entries``: shards of ``max_shard_size`` when one is given;
+        otherwise the source's files when every tensor has one there (same file names, each with its
+        tensors in source order, and the index), else shards of the default size. With ``temp_dir`` it
+        attaches to the one another rank created."""
         source = self.bridge.source
-        files = source.files_of([name for name, _, _ in entries]) if source else None
+        files = source.files_of([name for name, _, _ in entries]) if source and max_shard_size is None else None
+        max_shard_size = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
         if temp_dir is None:
             return ShardedWriter(out_dir, entries, max_shard_size, files, source.index_metadata if files else None)
         return ShardedWriter.attach(out_dir, entries, max_shard_size, temp_dir, files)

@@ -72,6 +72,20 @@ def transformers_models() -> list[TransformersModel]:
 
 
 @hookspec(firstresult=True)
+def config_values() -> dict[str, str]:
+    """The family's own ``config.json`` keys and the kind of value each must hold.
+
+    *Owner only.* Map a key to a kind of :data:`bridgecore.hf.values.KINDS` (``"count"``,
+    ``"count_or_zero"``, ``"positive"``, ``"fraction"``, ``"probability"``, ``"number"``, ``"flag"``);
+    the core checks them, with its own :data:`~bridgecore.hf.values.CORE_KEYS` (layer and head counts,
+    sizes, ``rms_norm_eps``, ``rope_theta``, ``partial_rotary_factor``, ...), before
+    ``provider_config`` is called: at the top level, in ``text_config`` and in ``rope_parameters``,
+    a list item by item. A wrong value is a one-line error naming the key, so ``provider_config``
+    reads only values of the right type and range. Optional.
+    """
+
+
+@hookspec(firstresult=True)
 def provider_config(hf_config: dict[str, Any]) -> ModelConfig | None:
     """Translate a parsed ``config.json`` into the Megatron-Core config.
 

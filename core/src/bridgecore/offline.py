@@ -65,8 +65,8 @@ class _Region:
     offset: int
 
     def of(self, param: torch.Tensor) -> torch.Tensor:
-        # as_strided's offset counts from the storage's start; a param read zero-copy from the HF
-        # file starts at its place in the file, not at zero.
+        # as_strided's offset counts from the storage's start; a param that is a view of a larger
+        # read of the HF file starts at its place in that read, not at zero.
         return torch.as_strided(param, self.size, self.stride, param.storage_offset() + self.offset)
 
 
@@ -360,12 +360,13 @@ def stream_to_hf(
     out_dir: str | Path,
     *,
     plugin: str | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str | None = None,
     overwrite: bool = False,
     hf_config: str | Path | None = None,
     iteration: int | None = None,
 ) -> Path:
-    """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time.
+    """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time;
+    ``max_shard_size`` as :meth:`AutoBridge.save_hf_pretrained` takes it.
 
     Without ``hf_config`` the checkpoint is one ``bridgecore import`` wrote; with it, any Megatron
     checkpoint of that model (a training run's ``iteration``, default the tracker's), read for its
@@ -393,7 +394,7 @@ def stream_to_hf(
     for item, param, region in views:
         regions.setdefault(param.name, []).append((item, region))
     buffers = _Buffers(max((t.tensor.nbytes for t, _ in bound), default=0))
-    size = parse_size(max_shard_size)
+    size = None if max_shard_size is None else parse_size(max_shard_size)
 
     def read(pair: tuple[LocalTensor, Binding]) -> torch.Tensor:
         t = pair[0]

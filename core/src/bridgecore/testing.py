@@ -31,6 +31,7 @@ output.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -116,8 +117,18 @@ def check_roundtrip(hf_dir: Path, layout: str = "tp1", plugin: str | None = None
 
 
 def check_verify(hf_dir: Path, plugin: str | None = None) -> str:
-    """Megatron's logits match the plugin's transformers reference; returns verify's line."""
-    return _require(run_bridgecore("verify", hf_dir, plugin=plugin), f"bridgecore verify {hf_dir}")
+    """Megatron's logits match the plugin's transformers reference; returns verify's line.
+
+    Its exit status and its own figures must both say so: the relative difference it prints is read
+    back and held to the tolerance it prints, so a verify that exits 0 on a failing case fails here."""
+    out = _require(run_bridgecore("verify", hf_dir, plugin=plugin), f"bridgecore verify {hf_dir}")
+    found = re.search(r"relative (\S+), tolerance (\S+);", out)
+    if found is None:
+        raise AssertionError(f"bridgecore verify {hf_dir} printed no relative difference:\n{out[-4000:]}")
+    relative, tolerance = (float(value) for value in found.groups())
+    if not relative <= tolerance:  # NaN fails too
+        raise AssertionError(f"bridgecore verify {hf_dir} exited 0 at relative {relative} > {tolerance}")
+    return out
 
 
 def has_experts(hf_dir: Path, plugin: str) -> bool:

@@ -41,13 +41,40 @@ def read_config(hf_dir: Path) -> dict:
     return config
 
 
+def allowed_roots(hf_dir: Path) -> list[Path]:
+    """Where the files of checkpoint ``hf_dir`` may really lie: the directory itself, plus the blob
+    store when it is a Hugging Face cache snapshot, whose files are symlinks to ``../../blobs/<hash>``."""
+    real_dir = Path(hf_dir).resolve()
+    roots = [real_dir]
+    if real_dir.parent.name == "snapshots":
+        roots.append(real_dir.parent.parent / "blobs")
+    return roots
+
+
+def leaves_checkpoint(hf_dir: Path, path: Path) -> Path | None:
+    """Where ``path`` (a file of ``hf_dir``) really is, when a symlink takes it outside the checkpoint;
+    None when it stays inside (see :func:`allowed_roots`)."""
+    real = Path(path).resolve()
+    return None if any(real.is_relative_to(root) for root in allowed_roots(hf_dir)) else real
+
+
 def side_files(src_dir: Path) -> list[Path]:
-    """The files of `src_dir` that `copy_side_files` copies: never code, never weights."""
-    return sorted(
+    """The files of `src_dir` that `copy_side_files` copies: never code, never weights. A symlink that
+    leads outside the checkpoint is refused, as for shards: copying it would put any readable file of
+    this machine into an output that may be published."""
+    found = sorted(
         path
         for path in Path(src_dir).iterdir()
         if path.is_file() and path.name.endswith(SIDE_FILE_SUFFIXES) and not path.name.endswith(WEIGHT_INDEX_SUFFIX)
     )
+    for path in found:
+        real = leaves_checkpoint(src_dir, path)
+        if real is not None:
+            raise BridgeError(
+                f"{path}: is a symlink to {real}, outside the checkpoint directory; expected side files"
+                " (config, tokenizer, templates) inside it"
+            )
+    return found
 
 
 def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:

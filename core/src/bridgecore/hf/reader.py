@@ -1,22 +1,25 @@
 """Lazy, sliced reading of a Hugging Face safetensors checkpoint (one file or an indexed set).
 
-Headers and the index are validated up front (no tensor byte is touched for that); tensor data is
-memory-mapped and handed out as zero-copy views, so a read costs only the pages of the slice that the
-caller goes on to use. Measured on a 1 GB file this beat `safe_open(...).get_slice(...)`, which
-copies every slice into fresh memory before the caller copies it again.
+Headers and the index are validated up front (no tensor byte is touched for that); a read then
+``preadv``s only the bytes that hold the slice asked for into fresh memory, once, and checks that
+every byte came. Tensor data is never memory-mapped: a page of a mapping whose file shrank while it
+was in use (another process truncating or rewriting a shard in place) kills the process with SIGBUS
+when touched, which no Python code can catch, and a converted model's params may be touched long
+after they were read (the in-memory import saves params that took their values from the reader).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
+import os
 from pathlib import Path
 from typing import Self
 
 import torch
 
 from bridgecore.errors import BridgeError
+from bridgecore.hf.config import leaves_checkpoint
 from bridgecore.hf.dtypes import TORCH_DTYPES
 from bridgecore.hf.header import Header, TensorEntry, read_header
 
@@ -32,7 +35,7 @@ class CheckpointReader:
         self.hf_dir = Path(hf_dir)
         #: bytes of tensor data handed out by `read` so far.
         self.bytes_read = 0
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._entries: dict[str, tuple[Path, TensorEntry]] = {}
         for header in _headers(self.hf_dir):
             for name, entry in header.entries.items():
@@ -45,8 +48,10 @@ class CheckpointReader:
         self.close()
 
     def close(self) -> None:
-        """Drop the mappings; tensors already returned keep theirs alive until they are freed."""
-        self._maps.clear()
+        """Close the files; tensors already returned own their memory."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def keys(self) -> list[str]:
         """Tensor names in checkpoint order: shard by shard, in file order within each."""
@@ -76,35 +81,73 @@ class CheckpointReader:
         return entry.end - entry.begin
 
     def read(self, name: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
-        """`tensor[index]` without reading the rest; ints drop their dim, slices must have step 1."""
+        """`tensor[index]` without reading the rest; ints drop their dim, slices must have step 1.
+
+        Only the bytes from the slice's first element to its last are read; a slice of whole leading
+        rows (a TP split along dim 0) comes back as its own contiguous tensor, any other as a view of
+        that byte range."""
         entry, dtype = self._entry(name), self.dtype(name)
         index = _normalized(index, entry.shape, f"{self.file_of(name)}: tensor {name!r}")
-        if entry.end == entry.begin:
-            whole = torch.empty(entry.shape, dtype=dtype)
-        else:
-            data = self._map(self.file_of(name))
-            if len(data) < entry.end:
-                raise BridgeError(
-                    f"{self.file_of(name)}: ends at byte {len(data)}, before tensor {name!r} ends at byte"
-                    f" {entry.end}; the file was truncated or replaced while being read"
-                )
-            count = math.prod(entry.shape)
-            whole = torch.frombuffer(data, dtype=dtype, count=count, offset=entry.begin).view(entry.shape)
-        part = whole[index]
-        self.bytes_read += part.numel() * part.element_size()
+        full = index + tuple(slice(0, size) for size in entry.shape[len(index) :])
+        strides = _contiguous_strides(entry.shape)
+        kept = [
+            (item.stop - item.start, stride)
+            for item, stride in zip(full, strides, strict=True)
+            if isinstance(item, slice)
+        ]
+        shape = tuple(size for size, _ in kept)
+        if any(size == 0 for size in shape) or entry.end == entry.begin:
+            return torch.empty(shape, dtype=dtype)
+        first = sum((item if isinstance(item, int) else item.start) * s for item, s in zip(full, strides, strict=True))
+        last = sum(
+            (item if isinstance(item, int) else item.stop - 1) * s for item, s in zip(full, strides, strict=True)
+        )
+        size = dtype.itemsize
+        data = self._pread(name, entry.begin + first * size, (last + 1 - first) * size).view(dtype)
+        part = data.view(shape) if data.numel() == math.prod(shape) else data.as_strided(shape, [s for _, s in kept])
+        self.bytes_read += part.numel() * size
         return part
+
+    def _pread(self, name: str, offset: int, length: int) -> torch.Tensor:
+        """``length`` bytes of ``name``'s file from ``offset`` into fresh memory, or a one-line error
+        when the file ends before them."""
+        path = self.file_of(name)
+        buffer = torch.empty(length, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        try:
+            while done < length:
+                got = os.preadv(self._fd(path), [view[done:]], offset + done)
+                if got == 0:
+                    raise BridgeError(
+                        f"{path}: ends at byte {os.fstat(self._fd(path)).st_size}, before tensor {name!r} ends at"
+                        f" byte {self._entry(name).end}; the file was truncated or replaced while being read"
+                    )
+                done += got
+        except OSError as err:
+            raise BridgeError(f"{path}: reading tensor {name!r} failed ({err.strerror or err})") from None
+        return buffer
 
     def _entry(self, name: str) -> TensorEntry:
         if name not in self._entries:
             raise BridgeError(f"{self.hf_dir}: no tensor named {name!r} in the checkpoint")
         return self._entries[name][1]
 
-    def _map(self, path: Path) -> mmap.mmap:
-        if path not in self._maps:
-            with open(path, "rb") as file:
-                # A private (copy-on-write) mapping gives torch a writable buffer; nothing reaches the file.
-                self._maps[path] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._maps[path]
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as err:
+                raise BridgeError(f"{path}: cannot be opened for reading ({err.strerror})") from None
+        return self._fds[path]
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
 
 
 def _normalized(index: tuple[slice | int, ...], shape: tuple[int, ...], where: str) -> tuple[slice | int, ...]:
@@ -196,22 +239,12 @@ def _contained(hf_dir: Path, file_name: str, listed_in: Path) -> Path:
     path = hf_dir / file_name
     if not path.is_file():
         raise BridgeError(f"{listed_in}: names shard {file_name!r}, which is not a file in {hf_dir}")
-    real = path.resolve()
-    if not any(real.is_relative_to(root) for root in _allowed_roots(hf_dir)):
+    real = leaves_checkpoint(hf_dir, path)
+    if real is not None:
         raise BridgeError(
             f"{path}: is a symlink to {real}, outside the checkpoint directory; expected a file inside it"
         )
     return path
-
-
-def _allowed_roots(hf_dir: Path) -> list[Path]:
-    """The checkpoint dir, plus the blob store when it is a Hugging Face cache snapshot, whose files are
-    symlinks to `../../blobs/<hash>`."""
-    real_dir = hf_dir.resolve()
-    roots = [real_dir]
-    if real_dir.parent.name == "snapshots":
-        roots.append(real_dir.parent.parent / "blobs")
-    return roots
 
 
 def _few(names: list[str], shown: int = 5) -> str:

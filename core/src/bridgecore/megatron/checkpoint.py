@@ -90,7 +90,7 @@ def _unused_output_weights_hidden(chunk: torch.nn.Module) -> Iterator[None]:
 def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` over a storage of exactly its bytes, sharing them. DCP's writers copy a tensor whose
     storage is larger (they would save all of it): a view of one half of a fused param, or of a
-    memory-mapped file, is such a tensor. A non-contiguous tensor is left to that copy."""
+    larger read of the HF file, is such a tensor. A non-contiguous tensor is left to that copy."""
     if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == tensor.nbytes:
         return tensor
     start = tensor.storage_offset() * tensor.element_size()
@@ -135,9 +135,18 @@ def save_dist(
                 state[_state_key(i, chunks)] = sharded_state_dict(chunk)
             add_extra_states(state)
             _share_views(state)
-            parallel.collective(
-                dist_checkpointing.save, state, str(temp / RELEASE), sharded_strategy=threaded_save_strategy()
-            )
+
+            def save() -> None:
+                # the one-line error is made here, so that it is what a failing rank tells the others
+                try:
+                    dist_checkpointing.save(state, str(temp / RELEASE), sharded_strategy=threaded_save_strategy())
+                except Exception as exc:
+                    error = write_error(exc, out_dir)
+                    if error is None or error is exc:
+                        raise
+                    raise error from exc
+
+            parallel.collective(save)
 
         def finish() -> None:
             if parallel.rank() == 0:
@@ -151,8 +160,9 @@ def save_dist(
 @contextlib.contextmanager
 def staged_release(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling of ``out_dir``, the same on every rank, with its ``release/`` made by rank 0
-    before any rank writes (a collective). On a failure rank 0 removes it, and an error of the save is
-    re-raised as one line naming ``out_dir``."""
+    before any rank writes (a collective). On a failure an error of the save is made one line naming
+    ``out_dir`` (with the free space the write met) and left for the other ranks, the first rank's error
+    is raised, and rank 0 removes the temporary."""
     temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
     try:
 
@@ -163,9 +173,14 @@ def staged_release(out_dir: Path) -> Iterator[Path]:
         parallel.collective(prepare)
         yield temp
     except BaseException as exc:
+        error = write_error(exc, out_dir)
+        if isinstance(error, Exception) and error is not exc:
+            parallel.publish_error(str(error))
+        first = parallel.first_error() if isinstance(error, Exception) else None
         if parallel.rank() == 0:
             remove_temporary(temp)
-        error = write_error(exc, out_dir)
+        if first and not first.startswith(f"rank {parallel.rank()}: "):
+            raise BridgeError(first) from exc
         if error is None or error is exc:
             raise
         raise error from exc

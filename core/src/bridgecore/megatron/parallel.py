@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -158,12 +159,50 @@ def init_distributed() -> None:
         )
 
 
+#: the store key under which the first rank to fail leaves its error for the others.
+_FIRST_ERROR = "bridgecore/first_error"
+
+
+def _store() -> Any:
+    """The process group's key-value store (torchrun's agent keeps it, so it outlives any rank)."""
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        return None
+
+
+def publish_error(message: str) -> None:
+    """Leave ``message`` as this run's first error for the other ranks, unless one is there already."""
+    store = _store() if world_size() > 1 else None
+    if store is None:
+        return
+    with contextlib.suppress(RuntimeError):
+        store.compare_set(_FIRST_ERROR, "", f"rank {rank()}: {message}")
+
+
+def first_error() -> str | None:
+    """The first error any rank of this run published, or None."""
+    store = _store() if world_size() > 1 else None
+    if store is None:
+        return None
+    try:
+        return store.get(_FIRST_ERROR).decode() if store.check([_FIRST_ERROR]) else None
+    except RuntimeError:  # the store went with torchrun
+        return None
+
+
 @contextmanager
 def _peers_answer(what: str) -> Iterator[None]:
-    """A collective that fails because another rank died or hangs, as one line naming this rank."""
+    """A collective that fails because another rank died or hangs, as one line: the error the first
+    failing rank published, else one naming this rank and the wait."""
     try:
         yield
     except RuntimeError as err:
+        found = first_error()
+        if found:
+            raise BridgeError(found) from None
         detail = " ".join(str(err).split())[:200]
         raise BridgeError(
             f"rank {rank()}: {what} with the other ranks failed ({detail}); another rank died or did not answer"
@@ -265,26 +304,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def collective(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` on every rank; if any rank fails, every rank fails.
+    """Run ``fn`` on every rank; if any rank fails, every rank fails with the first rank's error.
 
-    A rank that failed alone would otherwise leave the others waiting in the next collective. The
-    failing rank re-raises its own exception; the others raise a BridgeError naming it.
+    A failing rank publishes its error and raises at once, without waiting for the others: ``fn`` may
+    hold collectives of its own (megatron-core's save), inside which the other ranks would wait for
+    it until the timeout. They fail as soon as it leaves the process group (:func:`forget`, which the
+    CLI calls on any error before it exits) and then raise the published error, which names the rank;
+    a rank that stays in the group leaves them waiting until ``BRIDGECORE_TIMEOUT``.
     """
-    error: BaseException | None = None
-    result = None
     try:
         result = fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-        error = exc
-    message = (
-        None
-        if error is None
-        else (str(error) if isinstance(error, BridgeError) else f"{type(error).__name__}: {error}")
-    )
-    failures = [(r, m) for r, m in enumerate(all_gather_objects(message)) if m]
-    if error is not None:
-        raise error
+    except Exception as exc:
+        if world_size() > 1:
+            publish_error(str(exc) if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}")
+            found = first_error()
+            if found and not found.startswith(f"rank {rank()}: "):
+                raise BridgeError(found) from exc
+        raise
+    # The gather tells a rank whose peer failed before reaching this point (without leaving the group).
+    failures = [m for m in all_gather_objects(first_error()) if m]
     if failures:
-        r, m = failures[0]
-        raise BridgeError(m if world_size() == 1 else f"rank {r}: {m}")
+        raise BridgeError(failures[0])
     return result

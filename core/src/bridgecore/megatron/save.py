@@ -94,9 +94,15 @@ def threaded_save_strategy(threads: int = THREADS) -> Any:
     return ThreadedSave(default.backend, default.version, thread_count=threads)
 
 
+#: what torch.save's C++ stream writer says when the file system refuses a write (a full disk, a
+#: quota, a file size limit): it reports no OSError, only a stream state or a position it did not reach.
+_STREAM_REFUSALS = ("basic_ios::clear", "unexpected pos", "file write failed", "failed writing file")
+
+
 def write_error(exc: BaseException, out_dir: Path) -> BaseException | None:
     """What to raise for a failed torch_dist write: a one-line error, the interruption itself (Ctrl-C,
-    SIGTERM), or None when ``exc`` is no write failure.
+    SIGTERM), or None when ``exc`` is no write failure. Call it before the temporary output is removed:
+    the free space it reports is what the write met.
 
     DCP reports what its writer threads raised (a lossy cast, a shape mismatch, a full disk) or an
     interruption while it waited wrapped in a ``CheckpointException`` holding each rank's exception and
@@ -106,10 +112,13 @@ def write_error(exc: BaseException, out_dir: Path) -> BaseException | None:
     cause = next(iter(failures.values()))[0] if failures else exc
     if isinstance(cause, BridgeError) or not isinstance(cause, Exception):
         return cause
-    if not isinstance(cause, OSError) and cause is exc:
+    refused = isinstance(cause, RuntimeError) and any(text in str(cause) for text in _STREAM_REFUSALS)
+    if not isinstance(cause, OSError) and not refused and cause is exc:
         return None
     if isinstance(cause, OSError) and cause.strerror:
         detail = f"{cause.strerror}{f': {cause.filename}' if cause.filename else ''}"
+    elif refused:
+        detail = f"the file system refused a write; torch.save reports {' '.join(str(cause).split())[:120]!r}"
     else:
         detail = f"{type(cause).__name__}: {' '.join(str(cause).split())[:200]}"
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())

@@ -39,6 +39,28 @@ def architectures() -> list[str]:
     return list(ARCHITECTURES)
 
 
+#: Qwen3.5's own config.json keys and the values they must hold (checked by the core first).
+CONFIG_VALUES = {
+    "linear_conv_kernel_dim": "count",
+    "linear_key_head_dim": "count",
+    "linear_value_head_dim": "count",
+    "linear_num_key_heads": "count",
+    "linear_num_value_heads": "count",
+    "full_attention_interval": "count",
+    "mtp_num_hidden_layers": "count_or_zero",
+    "num_experts": "count_or_zero",
+    "num_experts_per_tok": "count",
+    "moe_intermediate_size": "count",
+    "shared_expert_intermediate_size": "count",
+    "router_aux_loss_coef": "number",
+}
+
+
+@hookimpl
+def config_values() -> dict[str, str]:
+    return dict(CONFIG_VALUES)
+
+
 @hookimpl
 def provider_config(hf_config: dict[str, Any]) -> Qwen35Config | None:
     if not _ours(hf_config):

@@ -52,6 +52,38 @@ def architectures() -> list[str]:
     return [ARCHITECTURE]
 
 
+#: Step-3.5's own config.json keys (released and transformers spellings) and the values they must
+#: hold; a per-layer list is checked item by item. The core checks them before ``provider_config``.
+CONFIG_VALUES = {
+    "moe_num_experts": "count_or_zero",
+    "n_routed_experts": "count_or_zero",
+    "moe_top_k": "count",
+    "num_experts_per_tok": "count",
+    "moe_intermediate_size": "count",
+    "share_expert_dim": "count",
+    "share_expert_dims": "count_or_zero",
+    "num_attention_groups": "count",
+    "num_sliding_attention_heads": "count",
+    "sliding_window": "count",
+    "num_nextn_predict_layers": "count_or_zero",
+    "num_mtp_layers": "count_or_zero",
+    "partial_rotary_factors": "fraction",
+    "moe_router_scaling_factor": "positive",
+    "query_pre_attn_scalar": "positive",
+    "swiglu_limits": "number",
+    "swiglu_limits_shared": "number",
+    "factor": "positive",
+    "low_freq_factor": "positive",
+    "high_freq_factor": "positive",
+    "original_max_position_embeddings": "count",
+}
+
+
+@hookimpl
+def config_values() -> dict[str, str]:
+    return dict(CONFIG_VALUES)
+
+
 @hookimpl
 def provider_config(hf_config: dict[str, Any]) -> Step35Config | None:
     if not _is_step35(hf_config):

@@ -53,6 +53,14 @@ def architectures() -> list[str]:
 
 
 @hookimpl
+def config_values() -> dict[str, str]:
+    # Step-3.7's language model is Step-3.5's decoder, under text_config.
+    from bridgecore_step35 import CONFIG_VALUES
+
+    return dict(CONFIG_VALUES)
+
+
+@hookimpl
 def provider_config(hf_config: dict[str, Any]) -> Step37Config | None:
     if not _is_step37(hf_config):
         return None
