@@ -29,10 +29,21 @@ def _weights(directory: Path) -> dict[str, bytes]:
 def test_roundtrip_restores_the_source_shards_and_index(llama_dir: Path, tmp_path: Path) -> None:
     assert (llama_dir / INDEX_FILE).is_file() and len(list(llama_dir.glob("*.safetensors"))) == 2
     out = tmp_path / "out"
-    result = run_cli("roundtrip", str(llama_dir), "--keep", str(out), "--max-shard-size", "1KB", plugins=PLUGINS)
+    result = run_cli("roundtrip", str(llama_dir), "--keep", str(out), plugins=PLUGINS)
     assert result.returncode == 0, result.stderr[-2000:]
     # the same files, byte for byte: names, split, tensor order in each file and in the index
     assert _weights(out) == _weights(llama_dir)
+
+
+def test_an_explicit_max_shard_size_is_honoured(llama_dir: Path, tmp_path: Path) -> None:
+    """It was silently ignored whenever the source's files were restored."""
+    out = tmp_path / "out"
+    result = run_cli("roundtrip", str(llama_dir), "--keep", str(out), "--max-shard-size", "20KB", plugins=PLUGINS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert all(p.stat().st_size <= 20_000 + 4096 for p in out.glob("*.safetensors"))
+    assert compare_checkpoints(llama_dir, out).exact
 
 
 def test_a_record_without_files_is_sharded_by_size(llama_dir: Path, tmp_path: Path) -> None:
