@@ -162,7 +162,7 @@ def staged_release(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling of ``out_dir``, the same on every rank, with its ``release/`` made by rank 0
     before any rank writes (a collective). On a failure an error of the save is made one line naming
     ``out_dir`` (with the free space the write met) and left for the other ranks, the first rank's error
-    is raised, and rank 0 removes the temporary."""
+    is raised, and every rank removes the temporary."""
     temp = Path(parallel.broadcast_object(str(temporary_sibling(out_dir, "tmp"))))
     try:
 
@@ -177,8 +177,9 @@ def staged_release(out_dir: Path) -> Iterator[Path]:
         if isinstance(error, Exception) and error is not exc:
             parallel.publish_error(str(error))
         first = parallel.first_error() if isinstance(error, Exception) else None
-        if parallel.rank() == 0:
-            remove_temporary(temp)
+        # every rank removes it once its own writes have stopped: a rank still inside the save when
+        # rank 0 failed would otherwise recreate files in it after rank 0 removed it
+        remove_temporary(temp)
         if first and not first.startswith(f"rank {parallel.rank()}: "):
             raise BridgeError(first) from exc
         if error is None or error is exc:

@@ -200,14 +200,30 @@ def _peers_answer(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        found = first_error()
-        if found:
-            raise BridgeError(found) from None
-        detail = " ".join(str(err).split())[:200]
-        raise BridgeError(
-            f"rank {rank()}: {what} with the other ranks failed ({detail}); another rank died or did not answer"
-            f" within {timeout_seconds()} s (torchrun's report names it; BRIDGECORE_TIMEOUT sets the wait)"
-        ) from None
+        raise peer_failure(what, err) from None
+
+
+def peer_failure(what: str, err: BaseException) -> BridgeError:
+    """The one line for a collective that failed because another rank died or hangs: the error the
+    first failing rank published, else one naming this rank and the wait."""
+    found = first_error()
+    if found:
+        return BridgeError(found)
+    detail = " ".join(str(err).split())[:200]
+    return BridgeError(
+        f"rank {rank()}: {what} with the other ranks failed ({detail}); another rank died or did not answer"
+        f" within {timeout_seconds()} s (torchrun's report names it; BRIDGECORE_TIMEOUT sets the wait)"
+    )
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the first failure a checkpoint exception holds) is a collective that lost a peer."""
+    failures = getattr(exc, "failures", None)
+    cause = next(iter(failures.values()))[0] if failures else exc
+    text = str(cause)
+    return isinstance(cause, RuntimeError) and any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo", "Timed out waiting")
+    )
 
 
 def leave() -> None:
@@ -315,6 +331,8 @@ def collective(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         result = fn(*args, **kwargs)
     except Exception as exc:
+        if world_size() > 1 and lost_peer(exc):
+            raise peer_failure("a collective", exc) from exc
         if world_size() > 1:
             publish_error(str(exc) if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}")
             found = first_error()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bridgecore.errors import BridgeError
+from bridgecore.megatron.parallel import lost_peer
 
 #: how DCP's extra writer threads are named (after their target function).
 _WRITER_THREAD = "(_write_files_from_queue)"
@@ -112,6 +113,8 @@ def write_error(exc: BaseException, out_dir: Path) -> BaseException | None:
     cause = next(iter(failures.values()))[0] if failures else exc
     if isinstance(cause, BridgeError) or not isinstance(cause, Exception):
         return cause
+    if lost_peer(exc):  # not this rank's write: parallel.collective names the rank that failed
+        return None
     refused = isinstance(cause, RuntimeError) and any(text in str(cause) for text in _STREAM_REFUSALS)
     if not isinstance(cause, OSError) and not refused and cause is exc:
         return None
