@@ -216,10 +216,15 @@ def peer_failure(what: str, err: BaseException) -> BridgeError:
     )
 
 
+def first_cause(exc: BaseException) -> BaseException:
+    """``exc``, or the first rank's exception a torch.distributed.checkpoint ``CheckpointException`` holds."""
+    failures = getattr(exc, "failures", None)
+    return next(iter(failures.values()))[0] if failures else exc
+
+
 def lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` (or the first failure a checkpoint exception holds) is a collective that lost a peer."""
-    failures = getattr(exc, "failures", None)
-    cause = next(iter(failures.values()))[0] if failures else exc
+    cause = first_cause(exc)
     text = str(cause)
     return isinstance(cause, RuntimeError) and any(
         mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo", "Timed out waiting")

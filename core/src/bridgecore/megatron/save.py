@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bridgecore.errors import BridgeError
-from bridgecore.megatron.parallel import lost_peer
+from bridgecore.megatron.parallel import first_cause, lost_peer
 
 #: how DCP's extra writer threads are named (after their target function).
 _WRITER_THREAD = "(_write_files_from_queue)"
@@ -109,8 +109,7 @@ def write_error(exc: BaseException, out_dir: Path) -> BaseException | None:
     interruption while it waited wrapped in a ``CheckpointException`` holding each rank's exception and
     traceback; the first one is the cause.
     """
-    failures = getattr(exc, "failures", None)
-    cause = next(iter(failures.values()))[0] if failures else exc
+    cause = first_cause(exc)
     if isinstance(cause, BridgeError) or not isinstance(cause, Exception):
         return cause
     if lost_peer(exc):  # not this rank's write: parallel.collective names the rank that failed
