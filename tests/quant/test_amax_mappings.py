@@ -122,20 +122,35 @@ def megatron_names(kind: str) -> list[str]:
     return names
 
 
-def roundtrip(hf: dict[str, torch.Tensor], kind: str, tp: int, ep: int) -> dict[str, torch.Tensor]:
+def imported(hf: dict[str, torch.Tensor], kind: str, tp: int) -> dict[str, list[torch.Tensor]]:
+    """Every Megatron amax buffer, imported from ``hf``: its shards over TP, in rank order."""
     table = MappingTable(amax_mappings(weight_mappings()))
-    source, out, slabs = TensorSource(hf), {}, {}
-    per_rank = E // ep
+    source, out = TensorSource(hf), {}
     for name in megatron_names(kind):
         b = table.find(name)
         assert b is not None, name
         inner = b.mapping.inner if isinstance(b.mapping, Stacked) else b.mapping
         hf_shape = source.shape(b.hf[0])[1:] if isinstance(b.mapping, Stacked) else source.shape(b.hf[0])
         size = tp if isinstance(inner, Amax) and inner.splits(hf_shape) else 1
-        shards = [b.mapping.to_megatron(source, b.capture_dict, Shard(r, size)) for r in range(size)]
+        out[name] = [b.mapping.to_megatron(source, b.capture_dict, Shard(r, size)) for r in range(size)]
+    return out
+
+
+def exported(megatron: dict[str, list[torch.Tensor]], ep: int, copies: Copies | None = None) -> dict[str, torch.Tensor]:
+    """The HF amax tensors exported from ``megatron`` as the export paths do: each mapping gets the
+    whole values of the params it needs (None for one absent), pieces pass through ``copies``."""
+    table = MappingTable(amax_mappings(weight_mappings()))
+    out, slabs = {}, {}
+    per_rank = E // ep
+    for name, shards in megatron.items():
+        b = table.find(name)
+        needs = b.mapping.needs(b.capture_dict)
+        given = ([torch.cat(megatron[n]) if n in megatron else None for n in needs],) if needs else ()
         # EP: an expert lives on rank expert // per_rank, which alone exports it.
         rank = b.capture_dict.get("expert", 0) // per_rank
-        for piece in b.mapping.to_hf(shards, b.capture_dict):
+        for piece in b.mapping.to_hf(shards, b.capture_dict, *given):
+            if copies is not None:
+                copies.keep(piece)
             if piece.expert is None:
                 assert piece.name not in out or torch.equal(out[piece.name], piece.tensor)
                 out[piece.name] = piece.tensor
@@ -146,6 +161,10 @@ def roundtrip(hf: dict[str, torch.Tensor], kind: str, tp: int, ep: int) -> dict[
         assert {r for r, _ in parts.values()} == set(range(ep))
         out[name] = torch.stack([parts[e][1] for e in range(E)])
     return out
+
+
+def roundtrip(hf: dict[str, torch.Tensor], kind: str, tp: int, ep: int) -> dict[str, torch.Tensor]:
+    return exported(imported(hf, kind, tp), ep)
 
 
 @pytest.mark.parametrize("kind", ["scalar", "scalar1", "per_channel"])
@@ -172,7 +191,7 @@ def test_per_channel_qkv_amax_is_laid_out_like_the_weight() -> None:
         assert torch.equal(amax.expand(-1, H), weight)
 
 
-def test_fused_quantizer_takes_the_max_and_parts_keep_each_amax() -> None:
+def test_fused_quantizer_takes_the_max_and_exports_the_parts_kept_beside_it() -> None:
     hf = calibrated("scalar")
     names = [f"model.layers.0.self_attn.{p}_proj.input_quantizer._amax" for p in "qkv"]
     hf[names[1]] = torch.tensor(9.0)
@@ -180,24 +199,67 @@ def test_fused_quantizer_takes_the_max_and_parts_keep_each_amax() -> None:
     b = table.find("decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax")
     amax = b.mapping.to_megatron(TensorSource(hf), b.capture_dict, Shard())
     assert torch.equal(amax, torch.tensor(9.0))
-    assert b.mapping.to_hf([amax], b.capture_dict) == []  # the parts write the HF tensors
     parts = table.find("decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax_parts")
     assert isinstance(parts.mapping, AmaxParts)
+    assert b.mapping.needs(b.capture_dict) == [parts.megatron]
     values = parts.mapping.to_megatron(TensorSource(hf), parts.capture_dict, Shard())
     assert torch.equal(values, torch.stack([hf[n] for n in names]))
-    assert [(p.name, p.tensor) for p in parts.mapping.to_hf([values], parts.capture_dict)] == [
-        (n, hf[n]) for n in names
-    ]
+    assert parts.mapping.to_hf([values], parts.capture_dict) == []  # the quantizer's mapping writes them
+    pieces = b.mapping.to_hf([amax], b.capture_dict, [values])
+    assert [(p.name, p.tensor, p.note) for p in pieces] == [(n, hf[n], None) for n in names]
 
 
 def test_stacked_parts_write_every_target_slab() -> None:
     table = MappingTable(amax_mappings(weight_mappings()))
-    b = table.find("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight_quantizer._amax_parts")
-    pieces = b.mapping.to_hf([torch.tensor([0.5, 0.25])], b.capture_dict)
+    b = table.find("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight_quantizer._amax")
+    pieces = b.mapping.to_hf([torch.tensor(0.5)], b.capture_dict, [torch.tensor([0.5, 0.25])])
     assert [(p.name, p.expert, p.num_experts, p.tensor.item()) for p in pieces] == [
         ("model.layers.1.moe.gate_proj.weight_quantizer._amax", 2, E, 0.5),
         ("model.layers.1.moe.up_proj.weight_quantizer._amax", 2, E, 0.25),
     ]
+
+
+@pytest.mark.parametrize("quantizer", ["weight_quantizer", "input_quantizer"])
+def test_a_fused_amax_changed_after_import_is_exported_for_every_linear_of_its_group(quantizer: str) -> None:
+    """Recalibration in Megatron changes ``_amax``; the parts kept at import no longer hold."""
+    hf = calibrated("scalar")
+    megatron = imported(hf, "scalar", tp=2)
+    qkv = f"decoder.layers.0.self_attention.linear_qkv.{quantizer}._amax"
+    fc1 = f"decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.{quantizer}._amax"
+    fc2 = f"decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.{quantizer}._amax"
+    for name in (qkv, fc1, fc2):
+        megatron[name] = [torch.full_like(s, 7.5) for s in megatron[name]]
+    copies = Copies()
+    out = exported(megatron, ep=2, copies=copies)
+    for p in "qkv":
+        assert out[f"model.layers.0.self_attn.{p}_proj.{quantizer}._amax"].item() == 7.5
+    for p in ("gate_proj", "up_proj"):
+        name = f"model.layers.1.moe.{p}.{quantizer}._amax"
+        assert out[name][3].item() == 7.5 and torch.equal(out[name][:3], hf[name][:3])
+    assert out[f"model.layers.0.mlp.experts.1.down_proj.{quantizer}._amax"].item() == 7.5
+    # the unchanged groups keep their own values
+    for p in "qkv":
+        name = f"model.layers.1.self_attn.{p}_proj.{quantizer}._amax"
+        assert torch.equal(out[name], hf[name])
+    (line,) = Copies.said([copies.notes])
+    assert "changed after import" in line and line.endswith(f": {qkv}, {fc1}")
+
+
+def test_a_checkpoint_without_parts_exports_the_fused_amax_for_every_linear() -> None:
+    """Megatron-LM with ModelOpt saves ``_amax`` only."""
+    hf = calibrated("scalar")
+    megatron = {n: v for n, v in imported(hf, "scalar", tp=1).items() if not n.endswith("_parts")}
+    copies = Copies()
+    out = exported(megatron, ep=1, copies=copies)
+    assert sorted(out) == sorted(hf)
+    for n in range(LAYERS):
+        group = [hf[f"model.layers.{n}.self_attn.{p}_proj.weight_quantizer._amax"] for p in "qkv"]
+        for p in "qkv":
+            assert torch.equal(out[f"model.layers.{n}.self_attn.{p}_proj.weight_quantizer._amax"], max(group))
+    name = "model.layers.0.self_attn.o_proj.weight_quantizer._amax"
+    assert torch.equal(out[name], hf[name])
+    (line,) = Copies.said([copies.notes])
+    assert "keeps no per-linear amax" in line and line.endswith("more")
 
 
 def test_fused_parts_without_amax_are_left_out() -> None:
@@ -257,6 +319,7 @@ def test_fused_experts_amax_map_per_expert_and_share_the_input_amax(tp: int, ep:
     names = [n for n in megatron_names("scalar") if ".mlp.experts." not in n or not n.endswith("_parts")]
     table.cover(names, frozenset(hf))  # every Megatron buffer bound, every HF amax used
     source, out, ranks = TensorSource(hf), {}, [Copies() for _ in range(ep)]
+    whole = {n: table.find(n).mapping.to_megatron(source, table.find(n).capture_dict, Shard()) for n in names}
     for name in names:
         b = table.find(name)
         shards = [b.mapping.to_megatron(source, b.capture_dict, Shard(r, tp)) for r in range(tp)]
@@ -266,7 +329,8 @@ def test_fused_experts_amax_map_per_expert_and_share_the_input_amax(tp: int, ep:
             want = f"{fused}_weight_quantizers.{expert}" if "weight_quantizer" in name else f"{fused}_input_quantizer"
             assert all(torch.equal(s, hf[f"model.layers.{layer}.mlp.experts.{want}._amax"]) for s in shards), name
         copies = ranks[b.capture_dict.get("expert", 0) // (E // ep)]
-        for piece in b.mapping.to_hf(shards, b.capture_dict):
+        needs = b.mapping.needs(b.capture_dict)
+        for piece in b.mapping.to_hf(shards, b.capture_dict, *([[whole[n] for n in needs]] if needs else [])):
             if copies.keep(piece):
                 assert piece.name not in out and piece.expert is None, f"{piece.name} written twice"
                 out[piece.name] = piece.tensor

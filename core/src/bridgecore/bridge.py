@@ -227,6 +227,8 @@ class AutoBridge:
         #: the dtype floating-point HF tensors are written in when no source checkpoint says theirs
         #: (an export from config.json alone); None keeps the params' dtype.
         self.float_dtype: torch.dtype | None = None
+        #: the tensor keys of the Megatron checkpoint this bridge exports from, when it does.
+        self.megatron_keys: frozenset[str] | None = None
         #: the plan this conversion executes (see :meth:`plan_conversion`).
         self.conversion: ConversionPlan | None = None
 
@@ -299,6 +301,7 @@ class AutoBridge:
     ) -> AutoBridge:
         """The bridge of a checkpoint written by :meth:`save_megatron` (``bridgecore import``)."""
         from bridgecore.megatron.checkpoint import PASSTHROUGH, SIDE, read_meta
+        from bridgecore.megatron.training import saved_metadata, torch_dist_dir
 
         ckpt_dir = Path(ckpt_dir)
         meta = read_meta(ckpt_dir)
@@ -309,6 +312,7 @@ class AutoBridge:
             params_dtype=getattr(torch, meta["params_dtype"]),
             source=SourceMeta.from_json(meta["source"], meta.get("source_index_metadata")),
         )
+        bridge.megatron_keys = frozenset(saved_metadata(torch_dist_dir(ckpt_dir)).state_dict_metadata)
         side = ckpt_dir / SIDE
         bridge.hf_dir = side if side.is_dir() else None
         if (ckpt_dir / PASSTHROUGH).is_dir():
@@ -519,15 +523,14 @@ class AutoBridge:
         load_dist(model, parallel.collective(torch_dist_dir, ckpt_dir, iteration), self.config)
 
     # -- export ---------------------------------------------------------------------------------
-    def _pieces(self, t: LocalTensor, b: Binding, meta: bool = False) -> list[HFPiece]:
-        if meta:
-            shards = [torch.empty(t.tensor.shape, dtype=t.tensor.dtype, device="meta")] * t.shard.size
-        elif t.shard.size > 1:
-            shards = [torch.empty_like(t.tensor) for _ in range(t.shard.size)]
-            dist.all_gather(shards, t.tensor.contiguous(), group=t.group)
+    def _pieces(self, t: LocalTensor, b: Binding, named: dict[str, LocalTensor], meta: bool = False) -> list[HFPiece]:
+        """``t``'s HF pieces; ``named`` holds this rank's bound tensors by name, for what the mapping needs."""
+        needs = b.mapping.needs(b.capture_dict)
+        if needs:
+            given = [None if n not in named else _whole(named[n], meta) for n in needs]
+            pieces = b.mapping.to_hf(_shards(t, meta), b.capture_dict, given)
         else:
-            shards = [t.tensor]
-        pieces = b.mapping.to_hf(shards, b.capture_dict)
+            pieces = b.mapping.to_hf(_shards(t, meta), b.capture_dict)
         for piece in pieces:
             dtype = self.hf_dtype(piece.name, t.tensor.dtype)
             piece.tensor = exact_cast(piece.tensor.detach(), dtype, piece.name)
@@ -542,9 +545,10 @@ class AutoBridge:
     def plan(self, bound: list[tuple[LocalTensor, Binding]]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """Every HF tensor the export writes, in the source checkpoint's order when there is one."""
         mine = {}
+        named = {t.name: t for t, _ in bound}
         for t, b in bound:
             if t.writer:
-                for p in self._pieces(t, b, meta=True):
+                for p in self._pieces(t, b, named, meta=True):
                     mine[p.name] = (p.full_shape, p.tensor.dtype)
         merged: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for part in parallel.all_gather_objects(mine):
@@ -600,6 +604,9 @@ class AutoBridge:
                 if filled[piece.name] == piece.num_experts:
                     yield piece.name, pending.pop(piece.name)
         Copies.check([copies.digests])
+        if parallel.rank() == 0:
+            for line in Copies.said([copies.notes]):
+                print(f"note: {line}", flush=True)
         for name in self._conversion().passthrough:
             yield name, self.passthrough_reader.read(name, ())
 
@@ -616,9 +623,11 @@ class AutoBridge:
         plan = parallel.collective(self.plan, bound)
         conversion = self._conversion()
 
+        named = {t.name: t for t, _ in bound}
+
         def write(writer: ShardedWriter, copies: Copies) -> None:
             for t, b in track(bound, "export", "tensor", enabled=parallel.rank() == 0):
-                pieces = self._pieces(t, b)
+                pieces = self._pieces(t, b, named)
                 if t.writer:
                     for p in pieces:
                         if copies.keep(p):
@@ -635,8 +644,9 @@ def _gathered_pieces(bridge: AutoBridge, bound: list[tuple[LocalTensor, Binding]
 
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise BridgeError("export_hf_weights gathers over TP and EP only; with PP>1 use save_hf_pretrained")
+    named = {t.name: t for t, _ in bound}
     for t, b in bound:
-        pieces = bridge._pieces(t, b)
+        pieces = bridge._pieces(t, b, named)
         if not t.writer:
             pieces = []
         if t.expert and ps.get_expert_model_parallel_world_size() > 1:
@@ -644,3 +654,20 @@ def _gathered_pieces(bridge: AutoBridge, bound: list[tuple[LocalTensor, Binding]
                 p for part in parallel.all_gather_objects(pieces, ps.get_expert_model_parallel_group()) for p in part
             ]
         yield pieces
+
+
+def _shards(t: LocalTensor, meta: bool) -> list[torch.Tensor]:
+    """``t`` as every rank of its TP group holds it, in rank order (gathered; empty ones when ``meta``)."""
+    if meta:
+        return [torch.empty(t.tensor.shape, dtype=t.tensor.dtype, device="meta")] * t.shard.size
+    if t.shard.size == 1:
+        return [t.tensor]
+    shards = [torch.empty_like(t.tensor) for _ in range(t.shard.size)]
+    dist.all_gather(shards, t.tensor.contiguous(), group=t.group)
+    return shards
+
+
+def _whole(t: LocalTensor, meta: bool) -> torch.Tensor:
+    """``t`` whole: its TP shards joined along the dim they split."""
+    shards = _shards(t, meta)
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=t.partition_dim)

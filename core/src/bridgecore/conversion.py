@@ -61,6 +61,7 @@ class ConversionPlan:
                 hf_keys=bridge.hf_keys,
                 table=self.table,
                 source=bridge.reader or bridge.source,
+                megatron_keys=bridge.megatron_keys,
             )
 
     def cover(
@@ -106,7 +107,8 @@ class ConversionPlan:
         process alone): rank 0 makes the writer's temporary directory, each rank attaches to it and runs
         ``write`` (its share; it writes only the pieces :meth:`Copies.keep` keeps), rank 0 adds the
         passthrough tensors and, once every share is written and every copy of a broadcast tensor found
-        equal, commits. A failure on any rank fails every rank and leaves ``out_dir`` as it was."""
+        equal, commits, then says what the mappings noted. A failure on any rank fails every rank and
+        leaves ``out_dir`` as it was."""
         rank = parallel.rank()
         writer = None
         copies = Copies()
@@ -126,6 +128,7 @@ class ConversionPlan:
             parallel.collective(share)
             written = parallel.all_gather_objects(writer.written())
             digests = parallel.all_gather_objects(copies.digests)
+            notes = parallel.all_gather_objects(copies.notes)
 
             def commit() -> None:
                 if rank != 0:
@@ -141,6 +144,9 @@ class ConversionPlan:
             if writer is not None and rank == 0:
                 writer.abort()
             raise
+        if rank == 0:
+            for line in Copies.said(notes):
+                print(f"note: {line}", flush=True)
 
     def copy_passthrough(self, writer: ShardedWriter) -> None:
         """Copy the passthrough tensors unchanged into ``writer`` (an HF export or ``passthrough/``)."""

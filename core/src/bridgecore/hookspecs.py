@@ -181,15 +181,22 @@ def hf_reference(hf_config: dict[str, Any]) -> Any:
 
 @hookspec
 def prepare_model(
-    model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable, source: Source | None
+    model: Any,
+    config: ModelConfig,
+    hf_keys: frozenset[str],
+    table: MappingTable,
+    source: Source | None,
+    megatron_keys: frozenset[str] | None,
 ) -> None:
     """Adjust a freshly built Megatron model (one PP stage) before weights are loaded.
 
     Every plugin is asked. ``table`` holds every mapping (weights and ``quant_mappings``);
     ``source`` answers ``shape(name)`` / ``dtype(name)`` for the HF tensors (it can also ``read``
-    when the HF checkpoint itself is at hand), so added state can take the checkpoint's shapes. The
-    quant plugin attaches quantizer state (amax buffers) here when the checkpoint carries amax
-    tensors; a plugin with nothing to add does not implement it.
+    when the HF checkpoint itself is at hand), so added state can take the checkpoint's shapes.
+    ``megatron_keys`` are the tensor keys of the Megatron checkpoint the model is built to load (an
+    export), None when it is built to import into. The quant plugin attaches quantizer state (amax
+    buffers) here when the checkpoint carries amax tensors; a plugin with nothing to add does not
+    implement it.
     """
 
 

@@ -396,11 +396,23 @@ def stream_to_hf(
     buffers = _Buffers(max((t.tensor.nbytes for t, _ in bound), default=0))
     size = None if max_shard_size is None else parse_size(max_shard_size)
 
-    def read(pair: tuple[LocalTensor, Binding]) -> torch.Tensor:
-        t = pair[0]
+    named = {t.name: t for t, _ in bound}
+
+    def whole(name: str) -> torch.Tensor | None:
+        t = named.get(name)
+        if t is None:
+            return None
+        value = torch.empty(t.tensor.shape, dtype=t.tensor.dtype)
+        saved.read_param(name, regions.get(name, []), value)
+        return value
+
+    def read(pair: tuple[LocalTensor, Binding]) -> tuple[torch.Tensor, tuple[list[torch.Tensor | None], ...]]:
+        """The param's value, and (when its mapping needs others beside it) theirs, whole."""
+        t, b = pair
         value = buffers.take(t.tensor.shape, t.tensor.dtype)
         saved.read_param(t.name, regions.get(t.name, []), value)
-        return value
+        needs = b.mapping.needs(b.capture_dict)
+        return value, ([whole(n) for n in needs],) if needs else ()
 
     with _processes() as (rank, procs):
         order = {t.name: i for i, (t, _) in enumerate(bound)}
@@ -409,8 +421,8 @@ def stream_to_hf(
 
         def write(writer: ShardedWriter, copies: Copies) -> None:
             progress = track(_read_ahead(mine, read), "offline export", "param", total=len(mine), enabled=rank == 0)
-            for (_, b), value in progress:
-                for piece in b.mapping.to_hf([value], b.capture_dict):
+            for (_, b), (value, given) in progress:
+                for piece in b.mapping.to_hf([value], b.capture_dict, *given):
                     piece.tensor = exact_cast(piece.tensor, bridge.hf_dtype(piece.name, value.dtype), piece.name)
                     if copies.keep(piece):
                         writer.write(piece.name, piece.tensor, expert=piece.expert)

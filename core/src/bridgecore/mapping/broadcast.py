@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -36,8 +37,8 @@ class Broadcast(Wrapper):
     def __repr__(self) -> str:
         return f"Broadcast[{self.over}]({self.inner!r})"
 
-    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
-        pieces = self.inner.to_hf(shards, captures)
+    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int], *given: Any) -> list[HFPiece]:
+        pieces = self.inner.to_hf(shards, captures, *given)
         for piece in pieces:
             piece.copy = (self.over, captures[self.over])
         return pieces
@@ -49,18 +50,24 @@ def _digest(tensor: torch.Tensor) -> str:
 
 
 class Copies:
-    """What one exporting rank saw of broadcast tensors: which pieces to write, and each copy's digest.
+    """What one exporting rank saw of broadcast tensors: which pieces to write, and each copy's digest;
+    and what the mappings noted on its pieces.
 
     Every export path calls :meth:`keep` on each piece it would write, then :meth:`check` on what all
-    ranks saw (``digests`` gathered) before the output is committed.
+    ranks saw (``digests`` gathered) before the output is committed, and says :meth:`said` of the
+    ``notes`` gathered.
     """
 
     def __init__(self) -> None:
         #: HF tensor (``name`` or ``name[expert]`` for a slab) -> (capture, value) -> digest.
         self.digests: dict[str, dict[tuple[str, int], str]] = {}
+        #: what happened -> the items it happened to (:attr:`HFPiece.note`).
+        self.notes: dict[str, set[str]] = {}
 
     def keep(self, piece: HFPiece) -> bool:
         """Whether to write ``piece``: yes unless it is a copy of a broadcast tensor other than copy 0."""
+        if piece.note is not None:
+            self.notes.setdefault(piece.note[0], set()).add(piece.note[1])
         if piece.copy is None:
             return True
         if not piece.tensor.is_meta:
@@ -85,3 +92,17 @@ class Copies:
                     f" but those of {over} {', '.join(map(str, differ))} differ from {over} {first[1]}'s;"
                     " it cannot be exported as one tensor"
                 )
+
+    @staticmethod
+    def said(gathered: Iterable[dict[str, set[str]]], shown: int = 4) -> list[str]:
+        """One line per distinct note over every rank's ``notes``: what happened, and to which items."""
+        merged: dict[str, set[str]] = {}
+        for part in gathered:
+            for what, items in part.items():
+                merged.setdefault(what, set()).update(items)
+        lines = []
+        for what, items in sorted(merged.items()):
+            first = sorted(items)[:shown]
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            lines.append(f"{what}: {', '.join(first)}{more}")
+        return lines

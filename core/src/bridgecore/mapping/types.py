@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -77,6 +77,8 @@ class HFPiece:
     `copy` is set when several Megatron params hold the tensor (a
     :class:`~bridgecore.mapping.broadcast.Broadcast` mapping): (capture, value) of this copy; the copy
     with value 0 is written, every copy must equal it.
+    `note` is (what happened, to which item) when the mapping decided something the user should read;
+    the export says each distinct "what happened" once, with every item it happened to.
     """
 
     name: str
@@ -84,6 +86,7 @@ class HFPiece:
     expert: int | None = None
     num_experts: int | None = None
     copy: tuple[str, int] | None = None
+    note: tuple[str, str] | None = None
 
     @property
     def full_shape(self) -> tuple[int, ...]:
@@ -125,12 +128,22 @@ class Mapping:
     def hf_names(self, captures: dict[str, int]) -> list[str]:
         return [p.format(captures) for p in self.hf]
 
+    def needs(self, captures: dict[str, int]) -> list[str]:
+        """Other Megatron params (global names) whose values export needs beside this one's.
+
+        Export passes them to :meth:`to_hf` as ``given``, whole (gathered like ``shards``) and in this
+        order, or None for one the model does not have. Most mappings need none.
+        """
+        return []
+
     def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
         """This rank's shard of the Megatron param, reading only the HF slices it needs."""
         raise NotImplementedError
 
     def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
-        """The HF tensors, from the param's shards of every TP rank in rank order."""
+        """The HF tensors, from the param's shards of every TP rank in rank order.
+
+        A mapping whose :meth:`needs` are not empty takes them as a third argument, ``given``."""
         raise NotImplementedError
 
 
@@ -392,11 +405,14 @@ class Wrapper(Mapping):
     def partition_dim(self) -> int | None:  # type: ignore[override]
         return self.inner.partition_dim
 
+    def needs(self, captures: dict[str, int]) -> list[str]:
+        return self.inner.needs(captures)
+
     def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
         return self.inner.to_megatron(source, captures, shard)
 
-    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
-        return self.inner.to_hf(shards, captures)
+    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int], *given: Any) -> list[HFPiece]:
+        return self.inner.to_hf(shards, captures, *given)
 
 
 class Stacked(Wrapper):
@@ -431,8 +447,8 @@ class Stacked(Wrapper):
         slab = _ExpertSlab(source, self._expert(captures), self.num_experts)
         return self.inner.to_megatron(slab, captures, shard)
 
-    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
-        pieces = self.inner.to_hf(shards, captures)
+    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int], *given: Any) -> list[HFPiece]:
+        pieces = self.inner.to_hf(shards, captures, *given)
         for piece in pieces:
             piece.expert, piece.num_experts = self._expert(captures), self.num_experts
         return pieces
@@ -473,5 +489,5 @@ class Shifted(Wrapper):
     def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
         return self.inner.to_megatron(source, captures, shard).float() + self.delta
 
-    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
-        return self.inner.to_hf([s.float() - self.delta for s in shards], captures)
+    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int], *given: Any) -> list[HFPiece]:
+        return self.inner.to_hf([s.float() - self.delta for s in shards], captures, *given)

@@ -307,6 +307,7 @@ def bridge_for(
         reader=reader,
         source=SourceMeta.of(reader) if reader else None,
     )
+    bridge.megatron_keys = frozenset(metadata.state_dict_metadata)
     if reader is None:
         bridge.float_dtype = _config_dtype(config, path / CONFIG_FILE)
     args = saved_args(torch_dist)

@@ -45,11 +45,20 @@ def quant_mappings(config: ModelConfig, mappings: list[Mapping], hf_keys: frozen
 
 @hookimpl
 def prepare_model(
-    model: Any, config: ModelConfig, hf_keys: frozenset[str], table: MappingTable, source: Source | None
+    model: Any,
+    config: ModelConfig,
+    hf_keys: frozenset[str],
+    table: MappingTable,
+    source: Source | None,
+    megatron_keys: frozenset[str] | None,
 ) -> None:
-    """Attach quantizer state to one PP stage for every amax the checkpoint (or its record) has."""
+    """Attach quantizer state to one PP stage for every amax the checkpoint (or its record) has.
+
+    Fused quantizers keep their HF linears' own amax beside them, unless the Megatron checkpoint
+    being exported has none (a training run saves only ``_amax``)."""
     from megatron.core import parallel_state as ps
 
+    from bridgecore_quant.amax import PARTS
     from bridgecore_quant.state import attach_quantizers, fused_notes, global_namer, has_amax
 
     if source is None or not has_amax(hf_keys):
@@ -66,6 +75,7 @@ def prepare_model(
         global_namer(model, config),
         ps.get_tensor_model_parallel_world_size(),
         ps.get_expert_tensor_parallel_world_size(),
+        keep_parts=megatron_keys is None or any(k.endswith(PARTS) for k in megatron_keys),
     )
 
 

@@ -9,9 +9,12 @@ ModelOpt gives every quantized linear ``<m>`` two buffers, ``<m>.weight_quantize
   calibrated separately by ModelOpt, so they may differ. The Megatron quantizer (``_amax``) takes
   their max, the value ModelOpt's own NVFP4 export unifies a shared-input group to; the HF values
   themselves travel beside it in ``_amax_parts`` (``[n, *amax shape]``, one row per HF linear that
-  has an amax), which export writes back. HF linears of a fused group that carry no amax (GDN
-  ``in_proj_a``/``in_proj_b``, which ModelOpt's recipes leave unquantized) are left out of the
-  group: ``hf_keys`` says which parts exist, and export leaves them without amax, as read.
+  has an amax), which export writes back while ``_amax`` is still their max. Once ``_amax`` changed
+  (recalibration or QAT in Megatron), or where a checkpoint has no ``_amax_parts`` (Megatron-LM
+  saves only ``_amax``), every HF linear of the group is exported with ``_amax``, and export says
+  so. HF linears of a fused group that carry no amax (GDN ``in_proj_a``/``in_proj_b``, which
+  ModelOpt's recipes leave unquantized) are left out of the group: ``hf_keys`` says which parts
+  exist, and export leaves them without amax, as read.
 - Per-channel (``[out, 1]``) and per-block (``[out, in/16]``) amax are laid out like the weight
   itself: the weight mapping's layout is reused on the amax names, so a fused QKV amax is
   interleaved per query group and split over TP exactly as the weight rows are. Along a weight dim
@@ -51,6 +54,15 @@ INPUT_AMAX = "input_quantizer._amax"
 KV_AMAX = ("k_bmm_quantizer._amax", "v_bmm_quantizer._amax")
 #: the buffer beside a fused quantizer's ``_amax`` that keeps its HF linears' own amax.
 PARTS = "_parts"
+#: what export notes when a fused quantizer's HF linears all get its own amax, and why.
+STALE_PARTS = (
+    "these fused quantizers' amax changed after import, so their HF linears' own amax (kept at import)"
+    " no longer hold; each linear of the group was exported with the quantizer's amax"
+)
+NO_PARTS = (
+    "the checkpoint keeps no per-linear amax for these fused quantizers (a training run saves only"
+    " `_amax`); each linear of the group was exported with the quantizer's amax"
+)
 #: Megatron weights that are not matmuls, so no ModelOpt quantizer sits on them.
 _NOT_LINEAR = ("norm", "embedding", "conv1d")
 
@@ -129,21 +141,35 @@ class Amax(Mapping):
         # The group's max: what ModelOpt's NVFP4 export unifies a shared-input group to.
         return torch.stack([source.read(n, ()) for n in names]).amax(0)
 
-    def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
+    def needs(self, captures: dict[str, int]) -> list[str]:
+        # A fused quantizer exports its HF linears' own amax, kept beside it, unless they are stale.
+        return [self.megatron.format(captures) + PARTS] if self.fused else []
+
+    def to_hf(
+        self, shards: list[torch.Tensor], captures: dict[str, int], given: Sequence[torch.Tensor | None] = (None,)
+    ) -> list[HFPiece]:
         if not is_per_tensor(shards[0].shape):
             return self.layout.to_hf(shards, captures)
-        if not shards[0].is_meta and any(not torch.equal(s, shards[0]) for s in shards[1:]):
+        amax, names = shards[0], self.hf_names(captures)
+        if not amax.is_meta and any(not torch.equal(s, amax) for s in shards[1:]):
             raise BridgeError(f"{self.megatron.format(captures)}: TP ranks hold different per-tensor amax values")
-        if self.fused:
-            return []  # the HF linears' own values come from the ``_amax_parts`` beside it (AmaxParts)
-        return [HFPiece(self.hf_names(captures)[0], shards[0].clone())]
+        if not self.fused:
+            return [HFPiece(names[0], amax.clone())]
+        parts, group = given[0], self.megatron.format(captures)
+        if parts is not None and (amax.is_meta or torch.equal(parts.amax(0), amax)):
+            return [HFPiece(n, parts[i].clone()) for i, n in enumerate(names)]
+        # No parts (a Megatron-LM run saves only ``_amax``), or ``_amax`` changed after import
+        # (recalibration, QAT): every HF linear takes the fused value, as ModelOpt unifies such a group.
+        note = (STALE_PARTS if parts is not None else NO_PARTS, group)
+        return [HFPiece(n, amax.clone(), note=note) for n in names]
 
 
 class AmaxParts(Mapping):
     """``<m>.X_quantizer._amax_parts`` ``[n, *amax shape]``: the per-tensor amax of a fused group's HF linears.
 
     Megatron's fused quantizer holds one amax; this buffer keeps each HF linear's own, so that a
-    round trip and the deployable export give back per-projection values.
+    round trip and the deployable export give back per-projection values. Export writes them through
+    the quantizer's :class:`Amax`, which needs this buffer and knows whether it still holds.
     """
 
     def __init__(self, amax: Amax):
@@ -153,7 +179,7 @@ class AmaxParts(Mapping):
         return torch.stack([source.read(n, ()) for n in self.hf_names(captures)])
 
     def to_hf(self, shards: list[torch.Tensor], captures: dict[str, int]) -> list[HFPiece]:
-        return [HFPiece(n, shards[0][i].clone()) for i, n in enumerate(self.hf_names(captures))]
+        return []  # the fused quantizer's mapping (Amax) writes them, knowing whether they still hold
 
 
 def is_quantizable(mapping: Mapping) -> bool:

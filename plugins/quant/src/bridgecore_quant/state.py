@@ -86,6 +86,7 @@ def attach_quantizers(
     global_name: Callable[[str], str],
     tp: int,
     etp: int,
+    keep_parts: bool = True,
 ) -> list[str]:
     """Add a :class:`QuantizerState` wherever ``table`` maps an amax that ``source`` has.
 
@@ -93,7 +94,8 @@ def attach_quantizers(
     its tensor names: each buffer takes its tensor's shape. ``global_name`` turns a local module
     path into the global one the mappings speak; ``tp``/``etp`` are the (expert) TP sizes.
     Per-channel amax that keep the weight's partitioned dim are split over TP like the weight.
-    Returns the global names added.
+    A fused per-tensor quantizer also keeps its HF linears' own amax (``_amax_parts``) when
+    ``keep_parts``. Returns the global names added.
     """
     added = []
     for local, suffix in _candidates(model):
@@ -109,7 +111,8 @@ def attach_quantizers(
             shape = shape[1:]
         dim = inner.weight.partition_dim if isinstance(inner, Amax) and inner.splits(shape) else None
         size = etp if ".experts." in name else tp
-        parts = len(binding.hf) if isinstance(inner, Amax) and inner.fused and is_per_tensor(shape) else 0
+        fused = isinstance(inner, Amax) and inner.fused and is_per_tensor(shape)
+        parts = len(binding.hf) if fused and keep_parts else 0
         quantizer = QuantizerState(_local_shape(shape, dim, size, binding.hf[0]), dim, parts=parts)
         owner = model.get_submodule(local) if local else model
         owner.add_module(suffix.split(".")[0], quantizer)
