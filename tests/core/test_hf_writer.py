@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bridgecore.errors import BridgeError
+from bridgecore.hf import writer as writer_module
 from bridgecore.hf.reader import CheckpointReader
 from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
 
@@ -191,6 +192,65 @@ def test_overwrite_keeps_old_output_until_new_one_is_complete(tmp_path: Path):
     assert torch.equal(CheckpointReader(out).read("w"), torch.ones(4))
     second.commit([second.written()], overwrite=True)
     assert torch.equal(CheckpointReader(out).read("w"), torch.zeros(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _committed(out: Path, value: float, overwrite: bool = False) -> ShardedWriter:
+    writer = _write_all(out, {"w": torch.full((4,), value)})
+    writer.commit([writer.written()], overwrite=overwrite)
+    return writer
+
+
+def _value(out: Path) -> float:
+    with CheckpointReader(out) as reader:
+        return reader.read("w")[0].item()
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_failed_final_move_keeps_the_previous_output(tmp_path: Path, monkeypatch, exchange: bool):
+    """The move that replaces an output fails (the exchange, or the rename after the old output moved
+    aside): one line, the previous output still at the target, nothing of the new one beside it."""
+    out = tmp_path / "out"
+    _committed(out, 1.0)
+    if exchange:
+        monkeypatch.setattr(writer_module, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    else:
+        monkeypatch.setattr(writer_module, "_exchange", lambda a, b: False)
+        rename = Path.rename
+
+        def new_output_fails(self: Path, target: Path) -> Path:
+            if Path(target) == out and self.name.startswith(".out.tmp"):
+                raise OSError(5, "I/O error")
+            return rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", new_output_fails)
+    second = _write_all(out, {"w": torch.full((4,), 2.0)})
+    with pytest.raises(BridgeError) as failed:
+        second.commit([second.written()], overwrite=True)
+    assert str(failed.value) == f"{out}: could not move the finished checkpoint into place (I/O error)"
+    second.abort()
+    monkeypatch.undo()
+    assert _value(out) == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_replacing_an_output_is_one_atomic_exchange(tmp_path: Path, monkeypatch):
+    """Where the file system can exchange two paths, the target never lacks an output: the old one is
+    swapped out in one step and removed from the temporary's place."""
+    out = tmp_path / "out"
+    _committed(out, 1.0)
+    seen = []
+    exchange = writer_module._exchange
+
+    def watched(a: Path, b: Path) -> bool:
+        before = _value(b)
+        swapped = exchange(a, b)
+        seen.append((before, swapped, _value(b), _value(a)))
+        return swapped
+
+    monkeypatch.setattr(writer_module, "_exchange", watched)
+    _committed(out, 2.0, overwrite=True)
+    assert seen == [(1.0, True, 2.0, 1.0)] and _value(out) == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -130,7 +130,7 @@ def test_headwise_gate_expands_and_refuses_diverged_rows() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(
-    heads=st.sampled_from([(1, 1), (2, 2), (2, 4), (4, 4)]),
+    heads=st.sampled_from([(1, 1), (1, 2), (2, 2), (1, 4)]),
     dims=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     hidden=st.integers(1, 6),
     tp=TP_SIZES,
@@ -138,10 +138,10 @@ def test_headwise_gate_expands_and_refuses_diverged_rows() -> None:
     seed=st.integers(0, 9),
 )
 def test_concat_gdn_in_proj(heads, dims, hidden, tp, dtype, seed) -> None:
-    """The GDN in_proj form: q|k|v rows of one tensor plus z, b, a, each split over TP on its own."""
-    nk, nv = heads
-    if nk % tp or nv % tp:
-        return
+    """The GDN in_proj form: q|k|v rows of one tensor plus z, b, a, each split over TP on its own.
+
+    Head counts are drawn per TP rank (Megatron splits whole heads), so every example runs."""
+    nk, nv = heads[0] * tp, heads[1] * tp
     dk, dv = dims
     qkv = random_tensor((2 * nk * dk + nv * dv, hidden), dtype, seed)
     z, b, a = (

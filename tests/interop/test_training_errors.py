@@ -25,19 +25,28 @@ def _params(model: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def test_load_megatron_reads_the_chosen_iteration(tiny_hf, llama_trained: Path) -> None:
-    bridge = AutoBridge.from_hf_pretrained(tiny_hf("llama-example"), params_dtype=torch.float32)
+    """Iteration 100 holds other weights than the tracker's 200: the one asked for is loaded."""
+    expected = {}
     try:
-        expected = _params(bridge.to_megatron_model())
+        for name in ("llama-example-doubled", "llama-example"):
+            bridge = AutoBridge.from_hf_pretrained(tiny_hf(name), params_dtype=torch.float32)
+            expected[name] = _params(bridge.to_megatron_model())
         model = bridge.to_megatron_model(load_weights=False)
-        for chunk in model:
-            for p in chunk.parameters():
-                p.data.zero_()
-        bridge.load_megatron(model, llama_trained, iteration=100)
-        loaded = _params(model)
+        loaded = {}
+        for iteration in (100, None):
+            for chunk in model:
+                for p in chunk.parameters():
+                    p.data.zero_()
+            bridge.load_megatron(model, llama_trained, iteration=iteration)
+            loaded[iteration] = _params(model)
     finally:
         parallel.leave()
-    assert loaded.keys() == expected.keys()
-    assert all(torch.equal(loaded[n], expected[n]) for n in expected)
+    for iteration, name in ((100, "llama-example-doubled"), (None, "llama-example")):
+        assert loaded[iteration].keys() == expected[name].keys()
+        assert all(torch.equal(loaded[iteration][n], expected[name][n]) for n in expected[name]), iteration
+    assert not torch.equal(
+        loaded[100]["decoder.final_layernorm.weight"], loaded[None]["decoder.final_layernorm.weight"]
+    )
 
 
 def _garble_training_state(iteration_dir: Path) -> int:

@@ -33,6 +33,31 @@ _save = dist_checkpointing.save
 dist_checkpointing.save = lambda *a, **k: (time.sleep(0.5), _save(*a, **k), time.sleep(30))[1]
 """
 
+# Fault injection for the final swap: SIGKILL the run right before or right after the step that
+# puts the new output in place of the old one (an exchange, or two renames where the file system has none).
+KILL_AT_SWAP = """
+import os, signal
+from pathlib import Path
+from bridgecore.hf import writer
+WHEN, EXCHANGE = {when!r}, {exchange!r}
+_exchange = writer._exchange
+def swap(a, b):
+    if WHEN == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    done = _exchange(a, b) if EXCHANGE else False
+    if WHEN == "after" and done:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
+writer._exchange = swap
+_rename = Path.rename
+def rename(self, target):
+    moved = _rename(self, target)
+    if WHEN == "after" and ".old-" in Path(target).name:  # the old output moved aside, the new not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return moved
+Path.rename = rename
+"""
+
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -80,6 +105,39 @@ def test_killed_export_leaves_previous_output_or_nothing(
     assert rerun.returncode == 0 and f"holds {temp}, left by interrupted runs" in rerun.stdout, rerun.stdout
     assert compare_checkpoints(llama_dir, out).exact and not (out / "marker.txt").exists()
     assert temp in siblings(out)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_killed_during_the_final_swap(
+    cli: Cli, llama_dir: Path, megatron_dir: Path, tmp_path: Path, when: str, exchange: bool
+) -> None:
+    """A kill as the new output replaces the old one: with the exchange the target holds the old or the
+    new output, whole; with two renames the old output waits beside it, whole, and the next run names it."""
+    out = tmp_path / "out"
+    assert cli("export", megatron_dir, out).returncode == 0
+    (out / "marker.txt").write_text("previous output")
+    before = snapshot(out)
+    prelude = KILL_AT_SWAP.format(when=when, exchange=exchange)
+    proc = cli_process("export", megatron_dir, out, "--overwrite", prelude=prelude)
+    proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    left = [name for name in siblings(out) if name != "out"]
+    if when == "before":
+        (temp,) = left
+        assert snapshot(out) == before and temp.startswith(".out.tmp-")
+    elif exchange:
+        # the new output is in place; the old one, in the temporary's place, was not yet removed
+        (temp,) = left
+        assert compare_checkpoints(llama_dir, out).exact and not (out / "marker.txt").exists()
+        assert snapshot(tmp_path / temp) == before
+    else:
+        # the one window two renames leave: both outputs whole, beside the target
+        old, new = left
+        assert not out.exists() and old.startswith(".out.old-") and snapshot(tmp_path / old) == before
+        assert new.startswith(".out.tmp-") and compare_checkpoints(llama_dir, tmp_path / new).exact
+    rerun = cli("export", megatron_dir, out, "--overwrite")
+    assert rerun.returncode == 0 and f"holds {', '.join(left)}, left by interrupted runs" in rerun.stdout, rerun.stdout
 
 
 def test_killed_import_leaves_nothing(megatron_dir: Path, llama_dir: Path, cli: Cli, tmp_path: Path) -> None:

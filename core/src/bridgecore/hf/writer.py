@@ -9,6 +9,7 @@ path; an interrupted run leaves at most a hidden `.<name>.tmp-*` directory.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -238,7 +239,7 @@ class ShardedWriter:
             if side_files_from is not None:
                 copy_side_files(Path(side_files_from), temp_dir)
             _fsync_dir(temp_dir)
-        _replace(temp_dir, self.out_dir)
+        move_into_place(temp_dir, self.out_dir)
         self.temp_dir = None
 
     def abort(self) -> None:
@@ -409,19 +410,56 @@ def _write_index(path: Path, placements: dict[str, Placement], metadata: dict[st
     path.write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _replace(temp_dir: Path, out_dir: Path) -> None:
-    """Rename `temp_dir` to `out_dir`; an old output is moved aside first and deleted only afterwards,
-    so a crash leaves the old or the new checkpoint, never a partial one, and never loses both."""
-    old = None
-    if out_dir.exists():
-        old = temporary_sibling(out_dir, "old")
-        out_dir.rename(old)
+def move_into_place(temp_dir: Path, out_dir: Path) -> None:
+    """Make the finished ``temp_dir`` the output ``out_dir``, replacing one that is there.
+
+    An existing output is exchanged with ``temp_dir`` in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``) and deleted afterwards from there, so a kill at any moment leaves the old or
+    the new output at ``out_dir``. Where the file system cannot exchange, the old output is moved
+    aside first and back if the move fails; a kill between those two renames leaves it beside
+    ``out_dir`` as a hidden ``.old-*`` sibling, which the next run names. A failure is one line and
+    leaves ``out_dir`` as it was."""
     try:
-        temp_dir.rename(out_dir)
+        if out_dir.exists() and _exchange(temp_dir, out_dir):
+            _fsync_dir(out_dir.parent)
+            remove_temporary(temp_dir)  # the old output, now
+            return
+        old = None
+        if out_dir.exists():
+            old = temporary_sibling(out_dir, "old")
+            out_dir.rename(old)
+        try:
+            temp_dir.rename(out_dir)
+        except OSError:
+            if old is not None:
+                old.rename(out_dir)
+            raise
     except OSError as err:
-        if old is not None:
-            old.rename(out_dir)
-        raise BridgeError(f"{out_dir}: could not move the finished checkpoint into place ({err.strerror})") from None
+        appeared = err.errno in (errno.ENOTEMPTY, errno.EEXIST)
+        raise BridgeError(
+            f"{out_dir}: appeared while this run was writing; pass --overwrite to replace it"
+            if appeared
+            else f"{out_dir}: could not move the finished checkpoint into place ({err.strerror})"
+        ) from None
     _fsync_dir(out_dir.parent)
     if old is not None:
-        shutil.rmtree(old)
+        remove_temporary(old)
+
+
+#: ``renameat2``'s flag that swaps two existing paths atomically, and its "relative to the cwd" fd.
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the existing paths ``a`` and ``b`` in one atomic step; False where the system cannot."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # a file system (or kernel) without the exchange
+    raise OSError(code, os.strerror(code), str(b))

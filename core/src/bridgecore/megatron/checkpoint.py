@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import copy_side_files
-from bridgecore.hf.writer import check_target, remove_temporary, temporary_sibling
+from bridgecore.hf.writer import check_target, move_into_place, remove_temporary, temporary_sibling
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.extra_state import add_extra_states
@@ -201,18 +199,7 @@ def publish(
         (temp / SIDE).mkdir()
         copy_side_files(side_files_from, temp / SIDE)
     check_target(out_dir, overwrite)
-    if out_dir.exists():
-        aside = temporary_sibling(out_dir, "old")
-        os.replace(out_dir, aside)
-        os.replace(temp, out_dir)
-        shutil.rmtree(aside)
-        return
-    try:
-        os.rename(temp, out_dir)
-    except OSError as err:  # a non-empty directory appeared since the check: another run finished first
-        raise BridgeError(
-            f"{out_dir}: appeared while this run was writing ({err.strerror}); pass --overwrite to replace it"
-        ) from None
+    move_into_place(temp, out_dir)
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
