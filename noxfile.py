@@ -89,6 +89,8 @@ TEST_TOOLS = [
     # (a venv made by uv has none)
     "hatchling==1.33.0",
     "pip==26.3",
+    # tests/imports: the import contracts of .importlinter (grimp comes with it)
+    "import-linter==2.17",
 ]
 
 #: plugin -> (local distributions it needs, besides the core, and its test folders). Each is installed
@@ -103,6 +105,8 @@ PLUGINS = {
     "all": (
         ["plugins/step35", "plugins/step37", "plugins/qwen35", "plugins/quant"],
         [
+            # the import contracts need every plugin installed
+            "tests/imports",
             "tests/reliability",
             "tests/scale",
             "tests/conformance",

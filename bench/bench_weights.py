@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from bench_convert import llama_config, write_checkpoint
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge, export_hf_weights
 from bridgecore.hf.writer import parse_size
 from bridgecore.megatron import parallel
 from bridgecore.megatron.parallel import Layout
@@ -56,7 +56,7 @@ def main() -> int:
     dist.barrier()
     bridge = AutoBridge.from_hf_pretrained(hf, plugin="llama_example")
     model = bridge.to_megatron_model(Layout(tp=args.tp))
-    total = sum(t.numel() * t.element_size() for _, t in bridge.export_hf_weights(model))
+    total = sum(t.numel() * t.element_size() for _, t in export_hf_weights(bridge, model))
     cap = parse_size(args.bucket_size)
     params = [p.detach().reshape(-1).view(torch.uint8) for chunk in model for p in chunk.parameters()]
     staging = torch.zeros(cap, dtype=torch.uint8)
@@ -73,14 +73,14 @@ def main() -> int:
             i += 1
 
     def pairs() -> None:
-        for _ in bridge.export_hf_weights(model):
+        for _ in export_hf_weights(bridge, model):
             pass
 
     kept = torch.zeros(cap, dtype=torch.uint8)
 
     def bucketed(buffer: torch.Tensor | None) -> Callable[[], None]:
         def run() -> None:
-            for _ in bridge.export_hf_weights(model, bucket_size=cap, device="cpu", buffer=buffer):
+            for _ in export_hf_weights(bridge, model, bucket_size=cap, device="cpu", buffer=buffer):
                 pass
 
         return run

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from hf_models import tokens as fixed_tokens
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore.megatron.parallel import Layout

@@ -93,7 +93,7 @@ def test_demo_without_out_leaves_nothing_behind(scratch: Path) -> None:
 
 def test_python_api_export_iterator_equals_source(llama_dir: Path) -> None:
     import bridgecore_llama_example
-    from bridgecore.bridge import AutoBridge
+    from bridgecore import AutoBridge, export_hf_weights
     from bridgecore.hf.reader import CheckpointReader
     from bridgecore.megatron import parallel
     from bridgecore.plugins import Plugins
@@ -103,7 +103,7 @@ def test_python_api_export_iterator_equals_source(llama_dir: Path) -> None:
     bridge = AutoBridge.from_hf_pretrained(llama_dir, plugins=plugins)
     try:
         model = bridge.to_megatron_model()
-        exported = dict(bridge.export_hf_weights(model))
+        exported = dict(export_hf_weights(bridge, model))
     finally:
         parallel.leave()  # the one-process group the model needed: later tests in this process start afresh
     with CheckpointReader(llama_dir) as source:

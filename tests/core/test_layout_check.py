@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cli_runner import run_cli
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.errors import BridgeError
 from bridgecore.megatron.parallel import Layout, check_divisible
 from bridgecore.plugins import installed

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.megatron import parallel
-from bridgecore.megatron.checkpoint import RELEASE
+from bridgecore.megatron.dcp import RELEASE
 
 
 def _import(hf: Path, out: Path, share_source: bool) -> dict[str, str]:

@@ -6,7 +6,7 @@ import pytest
 
 from bridgecore.mapping import ColumnParallel, Pattern, Replicated
 from bridgecore.megatron.config import ModelConfig
-from bridgecore.mtp import mtp_tensor_patterns, without_absent_mtp
+from bridgecore.plan.mtp import mtp_tensor_patterns, without_absent_mtp
 
 #: a decoder of 2 layers and 1 MTP layer whose HF names follow the decoder's (`layers.{mtp+2}`), the
 #: Step-3.5 layout, plus a literal per-layer mapping under a Megatron prefix.

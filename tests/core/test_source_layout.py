@@ -13,11 +13,11 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from bridgecore.bridge import SourceMeta
 from bridgecore.compare import compare_checkpoints
 from bridgecore.errors import BridgeError
 from bridgecore.hf.reader import INDEX_FILE, CheckpointReader
 from bridgecore.hf.writer import ShardedWriter
+from bridgecore.plan.source import SourceMeta
 
 PLUGINS = "llama_example"
 

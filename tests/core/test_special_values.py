@@ -26,7 +26,7 @@ from cli_runner import run_cli
 PLUGINS = "llama_example"
 #: bfloat16 bit patterns: quiet NaN with a payload, negative NaN, signalling-style NaN, +-Inf, -0,
 #: the smallest subnormal and its negative.
-SPECIAL = torch.tensor([0x7FC1, 0xFFC3, 0x7F81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8001], dtype=torch.int32).to(torch.int16)
+SPECIAL = torch.tensor([0x7FC1, 0xFFC3, 0x7F81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8001]).to(torch.int16)
 TENSORS = (
     "model.norm.weight",
     "model.embed_tokens.weight",

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bridgecore.bridge import exact_cast
+from bridgecore.casting import exact_cast
 from bridgecore.compare import LogitsParity, compare_checkpoints, nonfinite
 from bridgecore.errors import BridgeError
-from bridgecore.megatron.checkpoint import _MetadataUnpickler
+from bridgecore.megatron.dcp import MetadataUnpickler
 
 BASE = {
     "a": torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16),
@@ -178,7 +178,7 @@ def _pickled_global(module: str, name: str) -> bytes:
 )
 def test_metadata_unpickler_refuses_globals_outside_its_allowlist(module: str, name: str) -> None:
     with pytest.raises(pickle.UnpicklingError, match=f"refers to {module}.{name}"):
-        _MetadataUnpickler(io.BytesIO(_pickled_global(module, name))).load()
+        MetadataUnpickler(io.BytesIO(_pickled_global(module, name))).load()
 
 
 def test_metadata_unpickler_accepts_what_a_real_metadata_holds(tmp_path: Path) -> None:
@@ -188,5 +188,5 @@ def test_metadata_unpickler_accepts_what_a_real_metadata_holds(tmp_path: Path) -
 
     dcp.save({"w": torch.ones(2, dtype=torch.bfloat16)}, storage_writer=file_writer(tmp_path), no_dist=True)
     with open(tmp_path / ".metadata", "rb") as file:
-        metadata = _MetadataUnpickler(file).load()
+        metadata = MetadataUnpickler(file).load()
     assert "w" in metadata.state_dict_metadata

@@ -73,7 +73,7 @@ def test_bucket_size_and_buffer_are_checked() -> None:
 
 def test_export_hf_weights_bucketed_equals_unbucketed(llama_dir: Path) -> None:
     import bridgecore_llama_example
-    from bridgecore.bridge import AutoBridge
+    from bridgecore import AutoBridge, export_hf_weights
     from bridgecore.megatron import parallel
     from bridgecore.plugins import Plugins
 
@@ -82,16 +82,16 @@ def test_export_hf_weights_bucketed_equals_unbucketed(llama_dir: Path) -> None:
     bridge = AutoBridge.from_hf_pretrained(llama_dir, plugins=plugins)
     try:
         model = bridge.to_megatron_model()
-        plain = [(name, tensor.clone()) for name, tensor in bridge.export_hf_weights(model)]
+        plain = [(name, tensor.clone()) for name, tensor in export_hf_weights(bridge, model)]
         cap = 40_000
-        bucketed = list(bridge.export_hf_weights(model, bucket_size=cap, device="cpu"))
+        bucketed = list(export_hf_weights(bridge, model, bucket_size=cap, device="cpu"))
         assert len(bucketed) > 1 and all(isinstance(b, WeightBucket) for b in bucketed)
         assert all(b.nbytes <= cap or len(b.entries) == 1 for b in bucketed)
         back = _split_back(bucketed)
         assert [n for n, _ in back] == [n for n, _ in plain]
         for (name, got), (_, want) in zip(back, plain, strict=True):
             assert got.dtype == want.dtype and torch.equal(got, want), name
-        on_cpu = list(bridge.export_hf_weights(model, device="cpu"))
+        on_cpu = list(export_hf_weights(bridge, model, device="cpu"))
         assert [n for n, _ in on_cpu] == [n for n, _ in plain]
         assert all(t.device.type == "cpu" and torch.equal(t, w) for (_, t), (_, w) in zip(on_cpu, plain, strict=True))
     finally:

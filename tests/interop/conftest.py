@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from interop_support import save_in_process, write_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from interop_support import save_in_process, write_tiny
 
 
 def pytest_configure(config: pytest.Config) -> None:

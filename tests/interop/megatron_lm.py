@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.megatron import parallel
-from bridgecore.megatron.checkpoint import _unused_output_weights_hidden
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.state import unused_output_weights_hidden
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -146,7 +146,7 @@ def save_training_checkpoint(
     with cpu_compat(), contextlib.ExitStack() as hidden:
         # the output weight an MTP stage never reads is left out of the model's state and the optimizer's
         for chunk in model:
-            hidden.enter_context(_unused_output_weights_hidden(chunk))
+            hidden.enter_context(unused_output_weights_hidden(chunk))
         optimizer = _optimizer(model)
         for i, chunk in enumerate(model):
             state["model" if len(model) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.cli import main
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat

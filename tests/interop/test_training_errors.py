@@ -11,11 +11,11 @@ import pytest
 import torch
 from interop_support import save_in_process
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.cli import main
 from bridgecore.compare import compare_checkpoints
 from bridgecore.megatron import parallel
-from bridgecore.megatron.checkpoint import read_dcp_metadata
+from bridgecore.megatron.dcp import read_dcp_metadata
 
 MODES = [pytest.param([], id="in-memory"), pytest.param(["--offline"], id="offline")]
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.plugins import Plugins
 from bridgecore.testing import write_tiny
 from bridgecore_quant.formats import exclude_patterns

@@ -39,7 +39,7 @@ def with_fused_expert_amax(src: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_shared_input_amax_is_written_once_and_diverged_copies_are_refused(tmp_path: Path) -> None:
-    from bridgecore.bridge import AutoBridge
+    from bridgecore import AutoBridge, export_hf_weights
     from bridgecore.megatron import parallel
 
     write_family_tiny("qwen35-moe", tmp_path / "tiny")
@@ -47,14 +47,14 @@ def test_shared_input_amax_is_written_once_and_diverged_copies_are_refused(tmp_p
     bridge = AutoBridge.from_hf_pretrained(tmp_path / "calibrated")
     try:
         model = bridge.to_megatron_model()
-        exported = dict(bridge.export_hf_weights(model))
+        exported = dict(export_hf_weights(bridge, model))
         assert sorted(exported) == sorted(tensors)
         assert all(torch.equal(exported[k], v) for k, v in tensors.items())
         quantizer = "decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.input_quantizer"
         model[0].get_submodule(quantizer)._amax.mul_(2)
         diverged = r"layers\.1\.mlp\.experts\.down_proj_input_quantizer\._amax: .* expert 2 differ from expert 0's"
         with pytest.raises(BridgeError, match=diverged):
-            dict(bridge.export_hf_weights(model))
+            dict(export_hf_weights(bridge, model))
         with pytest.raises(BridgeError, match=diverged):
             bridge.save_hf_pretrained(model, tmp_path / "out")
         assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge, export_hf_weights
 from bridgecore.megatron import parallel
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,7 +80,7 @@ def test_in_memory_export_of_a_recalibrated_model(calibrated, tmp_path: Path, ca
         capfd.readouterr()
         bridge.save_hf_pretrained(model, tmp_path / "hf")
         saved = capfd.readouterr().out
-        weights = dict(bridge.export_hf_weights(model))
+        weights = dict(export_hf_weights(bridge, model))
         pairs = capfd.readouterr().out
     finally:
         parallel.leave()
@@ -134,6 +134,6 @@ def test_a_checkpoint_saved_without_parts_exports_the_fused_amax(calibrated, tmp
         bridge = AutoBridge.from_megatron_checkpoint(tmp_path / "megatron")
         model = bridge.to_megatron_model(load_weights=False)
         bridge.load_megatron(model, tmp_path / "megatron")
-        _check(dict(bridge.export_hf_weights(model)), source, parts=False)
+        _check(dict(export_hf_weights(bridge, model)), source, parts=False)
     finally:
         parallel.leave()

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.compare import compare_checkpoints
 from bridgecore.megatron import parallel
 from bridgecore.megatron.parallel import Layout

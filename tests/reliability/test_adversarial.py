@@ -16,7 +16,7 @@ import torch
 from reliability_support import Result, cli_process, edit_config, rewrite, run_process, siblings
 from test_atomic_outputs import snapshot
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.megatron import checkpoint
 
 Cli = Callable[..., Result]

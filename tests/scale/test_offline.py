@@ -14,10 +14,10 @@ import torch
 from scale_cli import TINY, bridgecore
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.compare import compare_checkpoints
 from bridgecore.errors import BridgeError
-from bridgecore.megatron.checkpoint import RELEASE
+from bridgecore.megatron.dcp import RELEASE
 from bridgecore.megatron.parallel import Layout
 from bridgecore.offline import stream_to_megatron
 

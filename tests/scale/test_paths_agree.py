@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.megatron import parallel
-from bridgecore.megatron.checkpoint import PASSTHROUGH, RELEASE
+from bridgecore.megatron.dcp import PASSTHROUGH, RELEASE
 from bridgecore.offline import stream_to_hf, stream_to_megatron
 from bridgecore.plugins import installed
 

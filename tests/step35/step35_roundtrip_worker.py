@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from step35_testing import read_tensors
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.megatron import parallel
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore_step35.reference import step35_reference

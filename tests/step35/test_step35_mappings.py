@@ -8,7 +8,7 @@ import pytest
 import torch
 from step35_testing import RELEASED, read_tensors
 
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import FusedQKV, MappingTable, Shard, TensorSource
 from bridgecore.megatron.params import local_tensors
@@ -35,7 +35,7 @@ def test_released_model_exports_the_released_layout() -> None:
     bridge = AutoBridge.from_hf_config(RELEASED)
     model = bridge.to_megatron_model(meta=True)
     expected = step35_tensor_shapes(RELEASED)
-    plan = bridge.plan(bridge.bind(model, frozenset(expected)))
+    plan = bridge.export_entries(bridge.bind(model, frozenset(expected)))
     assert {name: (tuple(shape), dtype) for name, shape, dtype in plan} == expected
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bridgecore_step37.vision as vision
-from bridgecore.bridge import AutoBridge
+from bridgecore import AutoBridge
 from bridgecore.errors import BridgeError
 from bridgecore.megatron.compat import cpu_compat
 from bridgecore_step37.reference import step37_image_features, step37_reference

@@ -4,26 +4,16 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from bridgecore import __version__
-from bridgecore.errors import BridgeError
-
-if TYPE_CHECKING:
-    from bridgecore.bridge import AutoBridge
-    from bridgecore.plugins import PluginInfo
+import bridgecore
 
 SHARD_HELP = (
     "largest safetensors file, e.g. 5GB; without it the source checkpoint's own files (names, split, index)"
@@ -55,23 +45,9 @@ def say(*args: object) -> None:
 
 
 def _note_leftovers(target: Path) -> None:
-    """Name the temporaries that interrupted runs left beside ``target``; they are never deleted
-    automatically, since another run may still be writing one."""
-    from bridgecore.hf.writer import leftover_temporaries
-
-    found = leftover_temporaries(target) if _rank() == 0 else []
-    if found:
-        names = ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        say(f"note: {target.parent} holds {names}, left by interrupted runs; delete them once no run writes there")
-
-
-def _apart(source: Path, out: Path) -> None:
-    """Refuse an output that is the input, lies inside it, or contains it: replacing it (--overwrite)
-    or writing into it would destroy the checkpoint being read."""
-    src, dst = Path(source).resolve(), Path(out).resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        relation = "is" if src == dst else "lies inside" if src in dst.parents else "contains"
-        raise BridgeError(f"{out}: {relation} the input {source}; expected an output directory apart from the input")
+    note = bridgecore.leftovers_note(target) if _rank() == 0 else None
+    if note:
+        say(f"note: {note}")
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
@@ -95,62 +71,19 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _layout(args: argparse.Namespace):
-    from bridgecore.megatron.parallel import Layout
-
-    return Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
+def _layout(args: argparse.Namespace) -> bridgecore.Layout:
+    return bridgecore.Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
 
 
-def _hf_input(path: Path) -> Path:
-    """``path``, after refusing a Megatron checkpoint given where an HF one is expected."""
-    from bridgecore.megatron.checkpoint import META, RELEASE
-
-    if not (path / "config.json").exists() and ((path / RELEASE).is_dir() or (path / META).is_file()):
-        raise BridgeError(
-            f"{path}: is a Megatron torch_dist checkpoint, not an HF one (no config.json);"
-            f" to convert it to HF run `bridgecore export {path} OUT_DIR`"
-        )
-    return path
-
-
-def _bridge(args: argparse.Namespace):
-    import torch
-
-    from bridgecore.bridge import AutoBridge
-
-    _hf_input(args.hf_dir)
-    dtype = getattr(torch, args.params_dtype) if getattr(args, "params_dtype", None) else None
-    return _say_notes(AutoBridge.from_hf_pretrained(args.hf_dir, plugin=args.plugin, params_dtype=dtype))
-
-
-def _say_notes(bridge: AutoBridge) -> AutoBridge:
-    for note in bridge.notes:
-        say(f"note: {note}")
-    return bridge
-
-
-def _shown(names: Sequence[str]) -> str:
-    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-
-
-def _report_waived(bridge: AutoBridge) -> None:
-    """What ``--allow-unmapped`` left out, and, apart from it, what the plugin keeps verbatim."""
-    if bridge.waived:
-        say(f"--allow-unmapped: left {len(bridge.waived)} unmapped: {_shown(bridge.waived)}")
-    kept = bridge.conversion.passthrough if bridge.conversion else []
-    if kept:
-        say(
-            f"passthrough: plugin {bridge.plugin.name} keeps {len(kept)} HF tensors verbatim,"
-            f" not converted: {_shown(kept)}"
-        )
+def _bridge(args: argparse.Namespace) -> bridgecore.AutoBridge:
+    return bridgecore.open_hf(args.hf_dir, args.plugin, getattr(args, "params_dtype", None), say)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from bridgecore.plugins import install_hint, installed
-
-    plugins = installed()
+    plugins = bridgecore.installed()
     if not plugins.infos:
-        print(f"no plugins installed; {install_hint('bridgecore-<family>')} (step35, step37, qwen35, quant)")
+        hint = bridgecore.install_hint("bridgecore-<family>")
+        print(f"no plugins installed; {hint} (step35, step37, qwen35, quant)")
     for info in plugins.infos.values():
         print(f"{info.name}  ({info.distribution} {info.version})")
         print(f"  architectures: {', '.join(info.architectures) or '-'}")
@@ -163,272 +96,107 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from bridgecore.bridge import AutoBridge
-    from bridgecore.megatron.parallel import Layout
-
-    bridge = _say_notes(AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin))
-    c = bridge.config
+    found = bridgecore.inspect(args.hf_dir, args.plugin, args.allow_unmapped, say)
+    bridge = found.bridge
     print(f"checkpoint  {args.hf_dir}")
     print(f"plugin      {bridge.plugin.name} ({bridge.plugin.distribution} {bridge.plugin.version})")
-    fields = [
-        "num_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "kv_channels",
-        "ffn_hidden_size",
-        "num_moe_experts",
-        "moe_router_topk",
-        "moe_ffn_hidden_size",
-        "mtp_num_layers",
-        "vocab_size",
-        "params_dtype",
-        "share_embeddings_and_output_weights",
-    ]
-    for f in fields:
-        if f.startswith("moe_") and not getattr(c, "num_moe_experts", None):
-            continue  # megatron-core's MoE defaults mean nothing for a dense model
-        print(f"  {f:40s} {getattr(c, f, None)}")
-    model = bridge.to_megatron_model(Layout(), load_weights=False, meta=True, allow_unmapped=args.allow_unmapped)
-    try:
-        bound = bridge.bind(model, bridge.hf_keys)
-    except BridgeError:
-        _print_gaps(bridge, model)
-        raise
-    _report_waived(bridge)
+    for name, value in found.fields:
+        print(f"  {name:40s} {value}")
+    if found.error is not None:
+        print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors  (incomplete: gaps marked)")
+        for name, kind, hf in found.rows:
+            print(f"{name:70s} {kind:16s} {', '.join(hf)}".rstrip())
+        for n in found.unmapped_hf:
+            print(f"{'(no Megatron param)':70s} {'UNMAPPED HF':16s} {n}")
+        print(f"\ngaps: {found.gaps} Megatron params, {len(found.unmapped_hf)} HF tensors")
+        raise found.error
+    for line in found.waived:
+        say(line)
     print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors")
-    for t, b in bound:
-        print(f"{t.name:70s} {type(b.mapping).__name__:16s} {', '.join(b.hf)}")
-    used = {n for _, b in bound for n in b.hf}
-    kept = len(bridge.conversion.passthrough)
-    print(
-        f"\ncoverage: {len(bound)} Megatron tensors <- {len(used)} of {len(bridge.hf_keys)} HF tensors"
-        + (f"; {kept} kept verbatim (passthrough)" if kept else "")
-    )
+    for name, kind, hf in found.rows:
+        print(f"{name:70s} {kind:16s} {', '.join(hf)}")
+    print(f"\n{found.coverage}")
     return 0
 
 
-def _print_gaps(bridge: AutoBridge, model: list) -> None:
-    """The mapping table as far as it goes, every gap marked: what a plugin author fills in next."""
-    from bridgecore.megatron.params import local_tensors
-
-    table = bridge.mapping_table()
-    names = [t.name for t in local_tensors(model, bridge.config) if not bridge.embedding_copy(t)]
-    print(f"\n{'Megatron param':70s} {'mapping':16s} HF tensors  (incomplete: gaps marked)")
-    used, gaps = set(), 0
-    for name in names:
-        try:
-            b = table.find(name)
-        except BridgeError:
-            kind, hf = "AMBIGUOUS", ["(several mappings match)"]
-        else:
-            kind, hf = (type(b.mapping).__name__, b.hf) if b else ("NO MAPPING", [])
-        used.update(hf)
-        marked = [n if n in bridge.hf_keys or not bridge.hf_keys else f"{n} (NOT IN CHECKPOINT)" for n in hf]
-        gaps += kind in ("AMBIGUOUS", "NO MAPPING") or marked != hf
-        print(f"{name:70s} {kind:16s} {', '.join(marked)}".rstrip())
-    unused = sorted(bridge.hf_keys - used)
-    for n in unused:
-        print(f"{'(no Megatron param)':70s} {'UNMAPPED HF':16s} {n}")
-    print(f"\ngaps: {gaps} Megatron params, {len(unused)} HF tensors")
-
-
 def cmd_import(args: argparse.Namespace) -> int:
-    _apart(args.hf_dir, args.megatron_dir)
+    bridgecore.check_apart(args.hf_dir, args.megatron_dir)
     _note_leftovers(Path(args.megatron_dir))
     bridge = _bridge(args)
     start = time.perf_counter()
-    if args.offline:
-        from bridgecore.offline import stream_to_megatron
-
-        stream_to_megatron(
-            bridge,
-            args.megatron_dir,
-            _layout(args),
-            allow_unmapped=args.allow_unmapped,
-            overwrite=args.overwrite,
-            threads=args.threads,
-        )
-        _report_waived(bridge)
-        say(
-            f"imported {args.hf_dir} -> {args.megatron_dir} offline ({_layout(args)})"
-            f" in {time.perf_counter() - start:.1f}s"
-        )
-        return 0
-    model = bridge.to_megatron_model(_layout(args), load_weights=False, allow_unmapped=args.allow_unmapped)
-    bridge.load_hf_weights(model, allow_unmapped=args.allow_unmapped, share_source=True)
-    _report_waived(bridge)
-    bridge.save_megatron(model, Path(args.megatron_dir), overwrite=args.overwrite)
-    say(f"imported {args.hf_dir} -> {args.megatron_dir} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
+    bridgecore.import_checkpoint(
+        bridge,
+        args.megatron_dir,
+        _layout(args),
+        offline=args.offline,
+        allow_unmapped=args.allow_unmapped,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        say=say,
+    )
+    how = "offline " if args.offline else ""
+    say(f"imported {args.hf_dir} -> {args.megatron_dir} {how}({_layout(args)}) in {time.perf_counter() - start:.1f}s")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bridgecore.bridge import AutoBridge
-
-    _apart(args.megatron_dir, args.hf_dir)
+    bridgecore.check_apart(args.megatron_dir, args.hf_dir)
     _note_leftovers(Path(args.hf_dir))
     start = time.perf_counter()
+    target = bridgecore.export_checkpoint(
+        args.megatron_dir,
+        args.hf_dir,
+        _layout(args),
+        offline=args.offline,
+        plugin=args.plugin,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        hf_config=args.hf_config,
+        iteration=args.iteration,
+        quant=args.quant,
+    )
     if args.offline:
-        if args.quant:
-            raise BridgeError("--offline writes the checkpoint's own dtypes; --quant needs the in-memory export")
-        from bridgecore.offline import stream_to_hf
-
-        stream_to_hf(
-            args.megatron_dir,
-            args.hf_dir,
-            plugin=args.plugin,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            hf_config=args.hf_config,
-            iteration=args.iteration,
-        )
         say(f"exported {args.megatron_dir} -> {args.hf_dir} offline in {time.perf_counter() - start:.1f}s")
-        return 0
-    if args.hf_config is not None:
-        from bridgecore.megatron.training import bridge_for
-
-        bridge = bridge_for(args.hf_config, args.megatron_dir, args.iteration, plugin=args.plugin)
     else:
-        bridge = AutoBridge.from_megatron_checkpoint(args.megatron_dir, plugin=args.plugin)
-    model = bridge.to_megatron_model(_layout(args), load_weights=False)
-    bridge.load_megatron(model, Path(args.megatron_dir), iteration=args.iteration)
-    target = Path(args.hf_dir)
-    if args.quant:
-        formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
-        if args.quant not in formats:
-            from bridgecore.plugins import install_hint
-
-            hint = install_hint("bridgecore-quant")
-            raise BridgeError(f"--quant {args.quant}: no installed plugin offers it; {hint}")
-        from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, temporary_prefix
-        from bridgecore.megatron import parallel
-
-        # The calibrated export is staged beside the target (same filesystem), on rank 0's choice.
-        made = tempfile.mkdtemp(prefix=temporary_prefix(target, "staging"), dir=target.parent) if _rank() == 0 else None
-        staging = Path(parallel.broadcast_object(made))
-        try:
-            bridge.save_hf_pretrained(model, staging / "calibrated", max_shard_size=args.max_shard_size)
-            if _rank() == 0:
-                # a quantized export has other tensors than the source: sharded by size
-                size = args.max_shard_size or DEFAULT_MAX_SHARD_SIZE
-                formats[args.quant](staging / "calibrated", target, args.overwrite, max_shard_size=size)
-        finally:
-            if _rank() == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-    else:
-        bridge.save_hf_pretrained(model, target, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    say(f"exported {args.megatron_dir} -> {target} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
+        say(f"exported {args.megatron_dir} -> {target} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
     return 0
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
-    from bridgecore.compare import compare_checkpoints, print_report
-    from bridgecore.megatron import parallel
-
     if args.keep:
-        _apart(args.hf_dir, Path(args.keep))
+        bridgecore.check_apart(args.hf_dir, Path(args.keep))
         _note_leftovers(Path(args.keep))
     bridge = _bridge(args)
-    model = bridge.to_megatron_model(_layout(args), allow_unmapped=args.allow_unmapped)
-    _report_waived(bridge)
-    work = Path(
-        parallel.broadcast_object(tempfile.mkdtemp(prefix="bridgecore-roundtrip-") if parallel.rank() == 0 else None)
+    report = bridgecore.roundtrip(
+        bridge,
+        _layout(args),
+        keep=args.keep,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        allow_unmapped=args.allow_unmapped,
+        say=say,
     )
-    try:
-        out = Path(args.keep) if args.keep else work / "hf"
-        bridge.save_hf_pretrained(
-            model, out, max_shard_size=args.max_shard_size, overwrite=bool(args.keep) and args.overwrite
-        )
-        if parallel.rank() != 0:
-            return 0
-        report = compare_checkpoints(Path(args.hf_dir), out)
-    finally:
-        # the save is collective: once it returns (or fails) on rank 0, no rank writes there any more
-        if parallel.rank() == 0:
-            shutil.rmtree(work, ignore_errors=True)
-    print_report(report, verbose=args.verbose)
-    say(f"layout {_layout(args)}; output {'kept in ' + str(out) if args.keep else 'discarded'}")
+    if report is None:  # not rank 0
+        return 0
+    bridgecore.print_report(report, verbose=args.verbose)
+    say(f"layout {_layout(args)}; output {'kept in ' + str(args.keep) if args.keep else 'discarded'}")
     return 0 if report.exact else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    import torch
-
-    from bridgecore.bridge import AutoBridge
-    from bridgecore.compare import LogitsParity, nonfinite
-    from bridgecore.megatron import parallel
-    from bridgecore.megatron.compat import cpu_compat
-
-    layout = _layout(args)
-    if layout.pp > 1 or layout.vpp:
-        flags = f"--pp {layout.pp}" + (f" --vpp {layout.vpp}" if layout.vpp else "")
-        raise BridgeError(
-            f"verify {flags}: logits across pipeline stages need megatron-core's training schedule,"
-            " which verify does not run; check PP layouts with roundtrip, verify at --tp/--ep"
-        )
-    if not args.rtol > 0:
-        raise BridgeError(f"--rtol {args.rtol}: expected a positive relative tolerance")
-    bridge = _say_notes(
-        AutoBridge.from_hf_pretrained(_hf_input(args.hf_dir), plugin=args.plugin, params_dtype=torch.float32)
+    bridgecore.verify(
+        args.hf_dir, _layout(args), plugin=args.plugin, rtol=args.rtol, seq_len=args.seq_len, seed=args.seed, say=say
     )
-    try:
-        import transformers  # noqa: F401 - the plugins' reference forwards need it
-    except ImportError:
-        raise BridgeError(
-            f"verify compares against transformers, which is not installed;"
-            f" pip install '{bridge.plugin.distribution}[verify]'"
-        ) from None
-    reference = bridge.plugins.call_owned("hf_reference", bridge.plugin, hf_config=bridge.hf_config)
-    if reference is None:
-        raise BridgeError(f"plugin {bridge.plugin.name} offers no reference forward for this checkpoint")
-    model = bridge.to_megatron_model(layout)
-    tokens = torch.randint(
-        0, bridge.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
-    )
-
-    def forward() -> torch.Tensor:
-        with cpu_compat(), torch.no_grad():
-            return bridge.config.forward_logits(model[0], tokens).float()
-
-    ours = parallel.collective(forward)  # every rank takes part in the TP and EP collectives
-
-    def compare() -> None:
-        if parallel.rank() != 0:
-            return
-        theirs = reference(Path(args.hf_dir), tokens)
-        broken = [
-            found for logits, side in ((ours, "Megatron"), (theirs, "reference")) if (found := nonfinite(logits, side))
-        ]
-        if broken:
-            raise BridgeError(f"{args.hf_dir}: {'; '.join(broken)}; expected finite logits on both sides")
-        parity = LogitsParity.of(ours, theirs)
-        say(
-            f"logits {list(ours.shape)} at {layout}: max abs diff {parity.max_abs_diff:.3e}"
-            f" (mean {parity.mean_abs_diff:.3e}) against a largest reference |logit| of {parity.scale:.3g}:"
-            f" relative {parity.relative:.3e}, tolerance {args.rtol:g}; argmax agreement {parity.argmax_agreement:.1%}"
-        )
-        if not parity.passes(args.rtol):
-            raise BridgeError(
-                f"{args.hf_dir}: Megatron logits differ from the transformers reference by {parity.relative:.3e} of the"
-                f" largest reference logit, above the tolerance {args.rtol:g} (--rtol)"
-            )
-
-    parallel.collective(compare)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bridgecore.demo import run_demo
-
-    return run_demo(Path(args.out) if args.out else None, args.only, overwrite=args.overwrite)
+    return bridgecore.run_demo(Path(args.out) if args.out else None, args.only, overwrite=args.overwrite)
 
 
 def cmd_new_plugin(args: argparse.Namespace) -> int:
-    from bridgecore.scaffold import write_plugin
-
     out = args.out or Path(f"bridgecore-{args.name.replace('_', '-')}")
-    for path in write_plugin(args.name, args.architecture, out):
+    for path in bridgecore.write_plugin(args.name, args.architecture, out):
         print(f"wrote {path}")
     print(f"next: pip install -e {out}; bridgecore inspect on its tiny model; adapt provider_config and mappings")
     return 0
@@ -441,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"bridgecore {__version__}")
+    parser.add_argument("--version", action="version", version=f"bridgecore {bridgecore.__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -638,27 +406,20 @@ def _why_stopped() -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # bridgecore.megatron.parallel is in sys.modules once something set up a process group
+    converts = args.command != "plugins"  # every other command converts or builds a model
     try:
-        if args.command != "plugins":  # every other command converts or builds a model
-            from bridgecore.megatron.compat import import_megatron_core
-
-            import_megatron_core()
-            # Python's full collections walk every tracked object, and torch and megatron-core leave
-            # millions after import: 7-9% of a conversion's CPU went there. They live until exit anyway.
-            gc.freeze()
+        if converts:
+            bridgecore.start_run()
         status = args.fn(args)
-        if "bridgecore.megatron.parallel" in sys.modules:
-            sys.modules["bridgecore.megatron.parallel"].leave()
+        if converts:
+            bridgecore.end_run()
         return status
     except BaseException:
         # a failed command drops its group too, without the final barrier: the other ranks may be gone
-        if "bridgecore.megatron.parallel" in sys.modules:
-            parallel = sys.modules["bridgecore.megatron.parallel"]
-            found = parallel.first_error()
+        if converts:
+            found = bridgecore.abandon_run()
             if found and not found.startswith(f"rank {_rank()}: "):
                 _peer_error.append(found)
-            parallel.forget()
         raise
 
 
@@ -673,12 +434,12 @@ def _report(args: argparse.Namespace) -> int:
 
 def _failed(args: argparse.Namespace, exc: Exception) -> int:
     """Print ``exc`` as one line (a plugin's failure named as such), or re-raise a core bug."""
-    if isinstance(exc, BridgeError):
+    if isinstance(exc, bridgecore.BridgeError):
         if args.traceback:
             raise exc
         print(f"bridgecore: error: {exc}", file=sys.stderr)
         return 2
-    culprit = None if args.traceback else _plugin_frame(exc)
+    culprit = None if args.traceback else bridgecore.failing_plugin(exc)
     if culprit is None:  # a bug in the core stays a full traceback
         raise exc
     info, where = culprit
@@ -689,17 +450,3 @@ def _failed(args: argparse.Namespace, exc: Exception) -> int:
         file=sys.stderr,
     )
     return 2
-
-
-def _plugin_frame(exc: BaseException) -> tuple[PluginInfo, str] | None:
-    """The installed plugin whose code raised `exc` (the innermost plugin frame), and file:line, or None."""
-    from bridgecore.plugins import installed
-
-    infos = installed().infos.values()
-    packages = {getattr(i.module, "__name__", type(i.module).__module__).split(".")[0]: i for i in infos}
-    found = None
-    for frame, line in traceback.walk_tb(exc.__traceback__):
-        package = str(frame.f_globals.get("__name__", "")).split(".")[0]
-        if package in packages:
-            found = (packages[package], f"{Path(frame.f_code.co_filename).name}:{line}")
-    return found

@@ -1,6 +1,7 @@
 """What the core provides when a plugin names transformers' model class of an architecture.
 
-A plugin whose ``transformers_models`` hook returns :class:`TransformersModel` entries gets, for
+A plugin whose ``transformers_models`` hook returns :class:`~bridgecore.hookspecs.TransformersModel`
+entries gets, for
 each hook it does not implement itself:
 
 - ``hf_reference``: transformers' ``from_pretrained`` of that class on the checkpoint directory, in
@@ -18,13 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from bridgecore.errors import BridgeError
-from bridgecore.hookspecs import hookimpl
+from bridgecore.hookspecs import TransformersModel, hookimpl
 
 if TYPE_CHECKING:  # imported where used, so that listing plugins imports no torch
     import torch
@@ -32,33 +32,18 @@ if TYPE_CHECKING:  # imported where used, so that listing plugins imports no tor
     from bridgecore.tiny import TinyModel
 
 
-@dataclass(frozen=True)
-class TransformersModel:
-    """transformers' model class of one architecture, and the small config of its tiny model.
+def tiny_model_of(entry: TransformersModel) -> TinyModel:
+    """The tiny model of a ``transformers_models`` entry: a checkpoint its class's own ``save_pretrained``
+    writes from the entry's ``tiny_config``, with seeded random weights."""
+    from bridgecore.tiny import TinyModel
 
-    ``architecture`` is the class name in ``transformers`` (``"LlamaForCausalLM"``), as
-    ``config.json`` names it. ``tiny_config`` holds the keys the class's config takes (sizes,
-    ``dtype``: the tiny checkpoint's dtype, bfloat16 when absent); None: no tiny model. ``name``
-    names the tiny model in ``bridgecore demo`` (default: the architecture).
-    """
-
-    architecture: str
-    tiny_config: dict[str, Any] | None = None
-    name: str | None = None
-    description: str = ""
-    seed: int = 0
-    shards: int = 2
-
-    def tiny_model(self) -> TinyModel:
-        from bridgecore.tiny import TinyModel
-
-        config = {**(self.tiny_config or {}), "architectures": [self.architecture]}
-        description = self.description or f"{self.architecture} made by transformers' own class"
-        return TinyModel(
-            self.name or self.architecture,
-            description,
-            lambda out: write_transformers_checkpoint(out, config, seed=self.seed, shards=self.shards),
-        )
+    config = {**(entry.tiny_config or {}), "architectures": [entry.architecture]}
+    description = entry.description or f"{entry.architecture} made by transformers' own class"
+    return TinyModel(
+        entry.name or entry.architecture,
+        description,
+        lambda out: write_transformers_checkpoint(out, config, seed=entry.seed, shards=entry.shards),
+    )
 
 
 def transformers_class(architecture: str) -> type:
@@ -161,7 +146,7 @@ def default_hooks(models: list[TransformersModel], implemented: set[str]) -> Any
 
         @hookimpl
         def tiny_models() -> list[TinyModel]:
-            return [m.tiny_model() for m in models if m.tiny_config is not None]
+            return [tiny_model_of(m) for m in models if m.tiny_config is not None]
 
         hooks["tiny_models"] = tiny_models
     return SimpleNamespace(**hooks) if hooks else None

@@ -11,10 +11,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridgecore.bridge import AutoBridge
 from bridgecore.compare import compare_checkpoints
 from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import check_target
+from bridgecore.memory import AutoBridge
 from bridgecore.plugins import installed
 from bridgecore.tiny import TinyModel
 

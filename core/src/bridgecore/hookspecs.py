@@ -31,12 +31,12 @@ of that name once imported; name such a hook's function otherwise, with ``@hooki
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
-    from bridgecore.defaults import TransformersModel
     from bridgecore.mapping import Mapping, MappingTable, Source
     from bridgecore.megatron.config import ModelConfig
     from bridgecore.tiny import TinyModel
@@ -44,6 +44,24 @@ if TYPE_CHECKING:
 PROJECT = "bridgecore"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class TransformersModel:
+    """transformers' model class of one architecture, and the small config of its tiny model.
+
+    ``architecture`` is the class name in ``transformers`` (``"LlamaForCausalLM"``), as
+    ``config.json`` names it. ``tiny_config`` holds the keys the class's config takes (sizes,
+    ``dtype``: the tiny checkpoint's dtype, bfloat16 when absent); None: no tiny model. ``name``
+    names the tiny model in ``bridgecore demo`` (default: the architecture).
+    """
+
+    architecture: str
+    tiny_config: dict[str, Any] | None = None
+    name: str | None = None
+    description: str = ""
+    seed: int = 0
+    shards: int = 2
 
 
 @hookspec
@@ -60,7 +78,7 @@ def architectures() -> list[str]:
 
 @hookspec
 def transformers_models() -> list[TransformersModel]:
-    """transformers' model class of each architecture, as :class:`bridgecore.defaults.TransformersModel`.
+    """transformers' model class of each architecture, as :class:`TransformersModel`.
 
     Naming the class (``TransformersModel("LlamaForCausalLM", tiny_config={...})``) claims the
     architecture and makes the core answer the hooks this plugin does not implement:

@@ -38,17 +38,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bridgecore.bridge import AutoBridge, exact_cast
+from bridgecore.casting import exact_cast
 from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
 from bridgecore.mapping import Binding, Copies
-from bridgecore.megatron import parallel
-from bridgecore.megatron.checkpoint import exact_storage
+from bridgecore.megatron import checkpoint, parallel, training
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.dcp import COMMON_FILE, COMMON_STATE, RELEASE, Region, SavedChunks, common_in_shards
 from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.megatron.save import file_writer
+from bridgecore.megatron.state import exact_storage, sharded_state_dict, state_key
+from bridgecore.plan.bridge import Bridge
 from bridgecore.progress import Progress, track
 
 ChunkId = tuple[str, tuple[int, ...]]
@@ -57,26 +59,12 @@ READ_AHEAD = 1
 
 
 @dataclass(frozen=True)
-class _Region:
-    """Where a saved chunk lies inside its rank-local param: ``as_strided`` arguments."""
-
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-
-    def of(self, param: torch.Tensor) -> torch.Tensor:
-        # as_strided's offset counts from the storage's start; a param that is a view of a larger
-        # read of the HF file starts at its place in that read, not at zero.
-        return torch.as_strided(param, self.size, self.stride, param.storage_offset() + self.offset)
-
-
-@dataclass(frozen=True)
 class _Recipe:
     """How to make one saved chunk: the rank-local param it views, its mapping, and the region."""
 
     param: LocalTensor
     binding: Binding
-    region: _Region
+    region: Region
 
 
 def _require_no_process_group(what: str) -> None:
@@ -112,19 +100,17 @@ def _sharded_state(
     """What ``save_dist`` saves, split as megatron-core splits it: (sharded part, common part)."""
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
-    from bridgecore.megatron.checkpoint import _state_key, sharded_state_dict
-
     state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
     with cpu_compat("meta"):
         for i, chunk in enumerate(chunks):
-            state[_state_key(i, chunks)] = sharded_state_dict(chunk, key_layout)
+            state[state_key(i, chunks)] = sharded_state_dict(chunk, key_layout)
         add_extra_states(state)
     return save_preprocess(state, validate_access_integrity=False)
 
 
 def _main_chunks(
     chunks: list[torch.nn.Module], tensors: list[LocalTensor], key_layout: dict[str, Any] | None = None
-) -> tuple[list[Any], list[tuple[Any, LocalTensor, _Region]], dict[str, Any]]:
+) -> tuple[list[Any], list[tuple[Any, LocalTensor, Region]], dict[str, Any]]:
     """This rank's saved objects and tensor chunks (main replicas only), each chunk with its param."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
@@ -147,7 +133,7 @@ def _main_chunks(
             (
                 item,
                 param,
-                _Region(tuple(data.shape), data.stride(), data.storage_offset() - param.tensor.storage_offset()),
+                Region(tuple(data.shape), data.stride(), data.storage_offset() - param.tensor.storage_offset()),
             )
         )
     return objects, views, common
@@ -155,7 +141,7 @@ def _main_chunks(
 
 # -- import ------------------------------------------------------------------------------------
 def stream_to_megatron(
-    bridge: AutoBridge,
+    bridge: Bridge,
     out_dir: str | Path,
     layout: Layout | None = None,
     *,
@@ -177,15 +163,6 @@ def stream_to_megatron(
         mcore_to_pyt_state_dict,
     )
     from torch.distributed.checkpoint import save as dcp_save
-
-    from bridgecore.megatron.checkpoint import (
-        COMMON_FILE,
-        COMMON_STATE,
-        RELEASE,
-        common_in_shards,
-        publish,
-        staged_release,
-    )
 
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
@@ -228,7 +205,7 @@ def stream_to_megatron(
             params.setdefault(_StreamingSavePlanner._param_id(recipe), []).append(chunk_id)
         sizes = {p: recipes[ids[0]].param.tensor.nbytes for p, ids in params.items()}
         mine = {c for p in _share(sizes, procs)[rank] for c in params[p]}
-        with staged_release(out_dir) as temp:  # the others write into it once rank 0 made it
+        with checkpoint.staged_release(out_dir) as temp:  # the others write into it once rank 0 made it
             progress = Progress("offline import", len(mine), "chunk", enabled=rank == 0)
             # megatron's conversion asks for the rank: a simulated one, or this process's in torchrun's group
             with _simulated_rank(0, 1, Layout()) if procs == 1 else contextlib.nullcontext(), progress:
@@ -249,7 +226,7 @@ def stream_to_megatron(
                 if not common_in_shards():
                     torch.save(common, temp / RELEASE / COMMON_FILE)
                 plan.keep_passthrough(temp)
-                publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
+                checkpoint.publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
 
             parallel.collective(finish)
     return out_dir
@@ -310,7 +287,7 @@ class _StreamingSavePlanner(_planner_base()):
     the param is kept until its last chunk is resolved, so each is read from HF once.
     """
 
-    def __init__(self, bridge: AutoBridge, recipes: dict[ChunkId, _Recipe], progress: Progress):
+    def __init__(self, bridge: Bridge, recipes: dict[ChunkId, _Recipe], progress: Progress):
         super().__init__(flatten_state_dict=False)
         self.bridge, self.recipes, self.progress = bridge, recipes, progress
         self._uses = Counter(self._param_id(r) for r in recipes.values())
@@ -366,31 +343,29 @@ def stream_to_hf(
     iteration: int | None = None,
 ) -> Path:
     """Write the HF checkpoint of a torch_dist checkpoint (saved at any layout), one param at a time;
-    ``max_shard_size`` as :meth:`AutoBridge.save_hf_pretrained` takes it.
+    ``max_shard_size`` as :meth:`Bridge.save_hf_pretrained` takes it.
 
     Without ``hf_config`` the checkpoint is one ``bridgecore import`` wrote; with it, any Megatron
     checkpoint of that model (a training run's ``iteration``, default the tracker's), read for its
     model weights only."""
-    from bridgecore.megatron import training
-
     _require_no_process_group("offline export")
     if hf_config is not None:
-        bridge = training.bridge_for(hf_config, ckpt_dir, iteration, plugin=plugin)
+        bridge = Bridge.from_training_run(hf_config, ckpt_dir, iteration, plugin=plugin)
     else:
-        bridge = AutoBridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
+        bridge = Bridge.from_megatron_checkpoint(ckpt_dir, plugin=plugin)
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
     release = training.torch_dist_dir(ckpt_dir, iteration)
-    saved = _SavedChunks(release, training.saved_metadata(release))
+    saved = SavedChunks(release, training.saved_metadata(release))
     conversion = bridge.plan_conversion(Layout())
     with _simulated_rank(0, 1, Layout()):
         chunks = bridge.build_chunks(Layout(), meta=True)
         bound = bridge.bind(chunks, None)
-        plan = bridge.plan(bound)
+        plan = bridge.export_entries(bound)
         key_layout = training.key_layout(chunks, saved.metadata)
         _, views, _ = _main_chunks(chunks, [t for t, _ in bound], key_layout)
     training.check_model_keys(bridge.config, [item for item, _, _ in views], saved.metadata, str(release))
-    regions: dict[str, list[tuple[Any, _Region]]] = {}
+    regions: dict[str, list[tuple[Any, Region]]] = {}
     for item, param, region in views:
         regions.setdefault(param.name, []).append((item, region))
     buffers = _Buffers(max((t.tensor.nbytes for t, _ in bound), default=0))
@@ -479,120 +454,3 @@ def _read_ahead(items: Sequence[Any], read: Callable[[Any], Any], depth: int = R
             if following is not None:
                 pending.append((following, pool.submit(read, following)))
             yield item, value
-
-
-class _SavedChunks:
-    """Reads regions of saved tensors from a torch_dist checkpoint's files straight into the caller's memory.
-
-    DCP stores each chunk as a ``torch.save`` blob inside a ``.distcp`` file. Its reader unpickles
-    each blob into a new tensor and copies it into the target; here only the blob's small pickle is
-    read (onto the meta device, which records where the data lies), and the bytes go from the file
-    into the target with one ``preadv``. Fresh memory costs a page fault per page, which on a VM
-    costs more than the copy: a contiguous target is filled in place, any other through one
-    staging buffer that is kept.
-    """
-
-    def __init__(self, path: Path, metadata: Any):
-        self.path, self.metadata = path, metadata
-        self._files: dict[str, int] = {}
-        self._where: dict[Any, tuple[int, int, torch.Tensor]] = {}
-        self._staging = torch.empty(0, dtype=torch.uint8)
-
-    def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-    def read_param(self, name: str, regions: list[tuple[Any, _Region]], value: torch.Tensor) -> None:
-        """Fill ``value`` (a whole param) from every saved chunk region that covers it."""
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner_helpers import (
-            create_read_items_for_chunk_list,
-        )
-
-        covered = sum(region.of(value).numel() for _, region in regions)
-        if covered != value.numel():
-            raise BridgeError(f"{name}: the saved chunks cover {covered} of its {value.numel()} values")
-        for chunk, region in regions:
-            if chunk.key not in self.metadata.state_dict_metadata:
-                raise BridgeError(f"{name}: the checkpoint has no tensor {chunk.key}")
-            sizes = torch.Size((1,) * chunk.prepend_axis_num + tuple(chunk.local_shape))
-            target = region.of(value).view(sizes)
-            for item in create_read_items_for_chunk_list(
-                chunk.key,
-                self.metadata.state_dict_metadata[chunk.key],
-                [ChunkStorageMetadata(offsets=torch.Size(chunk.global_offset), sizes=sizes)],
-            ):
-                dest = narrow_tensor_by_index(target, item.dest_offsets, item.lengths)
-                self._read(item.storage_index, item.storage_offsets, item.lengths, dest)
-
-    def _read(self, index: Any, offsets: Sequence[int], lengths: Sequence[int], dest: torch.Tensor) -> None:
-        fd, start, saved = self._locate(index)
-        whole = all(o == 0 for o in offsets) and tuple(lengths) == tuple(saved.shape)
-        if whole and saved.is_contiguous() and dest.is_contiguous() and saved.dtype == dest.dtype:
-            self._pread(fd, index, _bytes(dest), start + saved.storage_offset() * saved.element_size())
-            return
-        nbytes = saved.untyped_storage().nbytes()
-        if self._staging.numel() < nbytes:
-            self._staging = torch.empty(nbytes, dtype=torch.uint8)
-        storage = self._staging[:nbytes]
-        self._pread(fd, index, memoryview(storage.numpy()), start)
-        src = torch.as_strided(storage.view(saved.dtype), saved.shape, saved.stride(), saved.storage_offset())
-        dest.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, lengths, strict=True))])
-
-    def _locate(self, index: Any) -> tuple[int, int, torch.Tensor]:
-        """The file, the byte where the saved tensor's storage begins, and the tensor on the meta device."""
-        found = self._where.get(index)
-        if found is not None:
-            return found
-        from torch.distributed.checkpoint.utils import _create_file_view
-
-        info = self.metadata.storage_data.get(index)
-        if info is None:
-            raise BridgeError(f"{self.path}/.metadata: no storage entry for saved chunk {index.fqn} at {index.offset}")
-        if info.transform_descriptors:
-            raise BridgeError(
-                f"{self.path / info.relative_path}: {index.fqn} is stored through {list(info.transform_descriptors)};"
-                " the offline export reads untransformed torch_dist files only (the in-memory export reads these)"
-            )
-        fd = self._files.get(info.relative_path)
-        if fd is None:
-            fd = self._files[info.relative_path] = os.open(self.path / info.relative_path, os.O_RDONLY)
-        size = os.fstat(fd).st_size
-        if size < info.offset + info.length:
-            raise BridgeError(
-                f"{self.path / info.relative_path}: ends at byte {size}, before the end of saved chunk {index.fqn}"
-                f" at byte {info.offset + info.length} (truncated checkpoint)"
-            )
-        with open(fd, "rb", closefd=False) as file:
-            try:
-                saved = torch.load(
-                    _create_file_view(file, info.offset, info.length), map_location="meta", weights_only=True
-                )
-            except Exception as err:
-                raise BridgeError(
-                    f"{self.path / info.relative_path}: saved chunk {index.fqn} at byte {info.offset} is not a"
-                    f" readable tensor ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                ) from None
-        storage_start = getattr(saved.untyped_storage(), "_checkpoint_offset", None) if torch.is_tensor(saved) else None
-        if storage_start is None:
-            raise BridgeError(f"{self.path / info.relative_path}: saved chunk {index.fqn} holds no tensor data")
-        found = self._where[index] = (fd, info.offset + storage_start, saved)
-        return found
-
-    def _pread(self, fd: int, index: Any, into: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(into):
-            got = os.preadv(fd, [into[done:]], offset + done)
-            if got == 0:
-                raise BridgeError(
-                    f"{self.path}: the file holding {index.fqn} ends before byte {offset + len(into)}"
-                    " (truncated checkpoint or corrupt chunk)"
-                )
-            done += got
-
-
-def _bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable view of a contiguous tensor's bytes."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

@@ -7,14 +7,16 @@ distribution name). Plugins registered in-process with :meth:`Plugins.register` 
 from __future__ import annotations
 
 import os
+import traceback
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
-from bridgecore import hookspecs
+import bridgecore.hookspecs as hookspecs
 from bridgecore.errors import BridgeError
 
 #: families with a first-party plugin, for the install hint (architecture -> distribution).
@@ -162,3 +164,15 @@ def _defaults_name(plugin: str) -> str:
 def installed() -> Plugins:
     """The plugins installed in this environment (loaded once per process)."""
     return Plugins()
+
+
+def failing_plugin(exc: BaseException) -> tuple[PluginInfo, str] | None:
+    """The installed plugin whose code raised ``exc`` (the innermost plugin frame), and file:line, or None."""
+    infos = installed().infos.values()
+    packages = {getattr(i.module, "__name__", type(i.module).__module__).split(".")[0]: i for i in infos}
+    found = None
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        package = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        if package in packages:
+            found = (packages[package], f"{Path(frame.f_code.co_filename).name}:{line}")
+    return found

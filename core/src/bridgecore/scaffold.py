@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bridgecore import __version__
 from bridgecore.defaults import transformers_class
 from bridgecore.errors import BridgeError
+from bridgecore.version import __version__
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -58,11 +58,18 @@ from typing import Any
 
 import torch
 
-from bridgecore.defaults import TransformersModel
-from bridgecore.errors import BridgeError
-from bridgecore.hookspecs import hookimpl
-from bridgecore.mapping import ColumnParallel, FusedQKV, GatedMLP, Mapping, Replicated, RowParallel
-from bridgecore.megatron.config import ModelConfig
+from bridgecore.plugin import (
+    BridgeError,
+    ColumnParallel,
+    FusedQKV,
+    GatedMLP,
+    Mapping,
+    ModelConfig,
+    Replicated,
+    RowParallel,
+    TransformersModel,
+    hookimpl,
+)
 
 _DTYPES = {{"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}}
 
@@ -124,7 +131,7 @@ def provider_config(hf_config: dict[str, Any]) -> ModelConfig:
 
 @hookimpl
 def layer_spec(config: ModelConfig, vp_stage: int | None) -> Any:
-    from bridgecore.megatron.specs import gpt_block_spec  # megatron-core loads only when a model is built
+    from bridgecore.plugin import gpt_block_spec  # megatron-core loads only when a model is built
 
     return gpt_block_spec(config, vp_stage)
 

@@ -133,7 +133,7 @@ def check_verify(hf_dir: Path, plugin: str | None = None) -> str:
 
 def has_experts(hf_dir: Path, plugin: str) -> bool:
     """Whether the plugin's Megatron config of ``hf_dir`` has MoE experts (EP splits nothing otherwise)."""
-    from bridgecore.bridge import AutoBridge
+    from bridgecore.memory import AutoBridge
 
     plugins, _ = _plugin(plugin)
     bridge = AutoBridge.from_hf_pretrained(hf_dir, plugin=plugin, plugins=plugins, weights=False)

@@ -2,7 +2,7 @@
 
 An RL framework pushes the trained weights from Megatron to its inference engine (vLLM, SGLang) every
 step. Sending one flat buffer per bucket instead of one message per tensor is what makes that fast;
-:func:`buckets` packs the pairs of :meth:`bridgecore.bridge.AutoBridge.export_hf_weights` into such
+:func:`buckets` packs the pairs of :func:`bridgecore.streaming.export_hf_weights` into such
 buffers, and :meth:`WeightBucket.tensors` splits one back into named views on the receiving side.
 """
 

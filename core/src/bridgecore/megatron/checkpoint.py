@@ -1,19 +1,14 @@
-"""megatron-core distributed checkpoints (torch_dist), in the layout Megatron-LM ``--load`` reads.
+"""megatron-core distributed checkpoints (torch_dist), written and loaded in the layout Megatron-LM
+``--load`` reads (see :mod:`bridgecore.megatron.dcp` for the directory's files).
 
-    <dir>/latest_checkpointed_iteration.txt   "release"
-    <dir>/release/                            the torch_dist files (any TP/PP/EP can load them)
-    <dir>/bridgecore.json                     plugin, config.json, source tensor shapes and dtypes
-    <dir>/hf/                                 tokenizer and other side files of the HF checkpoint
-
-Like the HF writer, the directory is written under a temporary sibling and renamed into place
-only when complete.
+Like the HF writer, the directory is written under a temporary sibling and moved into place only
+when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,77 +18,12 @@ import torch
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import copy_side_files
 from bridgecore.hf.writer import check_target, move_into_place, remove_temporary, temporary_sibling
-from bridgecore.megatron import parallel
+from bridgecore.megatron import parallel, training
 from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.dcp import META, RELEASE, SIDE, TRACKER, SavedChunks
 from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.save import threaded_save_strategy, write_error
-
-TRACKER = "latest_checkpointed_iteration.txt"
-RELEASE = "release"
-META = "bridgecore.json"
-SIDE = "hf"
-PASSTHROUGH = "passthrough"
-#: Where megatron-core keeps a save's common (non-sharded) state: ``common.pt`` (0.16), or this
-#: ShardedObject inside the ``.distcp`` files (0.19, which still reads a ``common.pt`` where it finds one).
-COMMON_FILE = "common.pt"
-COMMON_STATE = "common_state"
-
-
-def _state_key(index: int, chunks: list[torch.nn.Module]) -> str:
-    # Megatron-LM names the model "model", or "model0", "model1", ... with virtual pipeline stages.
-    return "model" if len(chunks) == 1 else f"model{index}"
-
-
-def sharded_state_dict(chunk: torch.nn.Module, key_layout: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The chunk's sharded state dict; megatron-core needs the DP group named when MTP sits on a
-    later pipeline stage than the embedding (it ties the stage's embedding copy over it).
-
-    ``key_layout`` adds megatron-core's sharded-state-dict flags that change the saved keys
-    (``non_homogeneous_layers``, ``singleton_local_shards``), to load a checkpoint saved with them."""
-    from megatron.core import parallel_state as ps
-
-    with _unused_output_weights_hidden(chunk):
-        return chunk.sharded_state_dict(
-            metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True), **(key_layout or {})}
-        )
-
-
-@contextlib.contextmanager
-def _unused_output_weights_hidden(chunk: torch.nn.Module) -> Iterator[None]:
-    """Hide the output layer weight of an MTP stage that ties it to the embedding but is not the first.
-
-    That stage computes logits with its embedding copy, yet megatron-core (0.16 to 0.19) allocates an
-    output layer weight there too, and then asserts it is absent from the sharded state dict: the
-    weight is never read, so it is left out of the checkpoint, as megatron-core intends.
-    """
-    hidden = [
-        module.output_layer
-        for module in chunk.modules()
-        if getattr(module, "share_embeddings_and_output_weights", False)
-        and getattr(module, "mtp_process", False)
-        and not module.pre_process
-        and module.post_process
-        and getattr(module.output_layer, "weight", None) is not None
-    ]
-    weights = [layer._parameters["weight"] for layer in hidden]
-    for layer in hidden:
-        layer._parameters["weight"] = None
-    try:
-        yield
-    finally:
-        for layer, weight in zip(hidden, weights, strict=True):
-            layer._parameters["weight"] = weight
-
-
-def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` over a storage of exactly its bytes, sharing them. DCP's writers copy a tensor whose
-    storage is larger (they would save all of it): a view of one half of a fused param, or of a
-    larger read of the HF file, is such a tensor. A non-contiguous tensor is left to that copy."""
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == tensor.nbytes:
-        return tensor
-    start = tensor.storage_offset() * tensor.element_size()
-    storage = tensor.untyped_storage()[start : start + tensor.nbytes]
-    return torch.empty(0, dtype=tensor.dtype).set_(storage, 0, tensor.shape)
+from bridgecore.megatron.state import exact_storage, sharded_state_dict, state_key
 
 
 def _share_views(state: dict[str, Any]) -> None:
@@ -130,7 +60,7 @@ def save_dist(
         state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
         with cpu_compat():
             for i, chunk in enumerate(chunks):
-                state[_state_key(i, chunks)] = sharded_state_dict(chunk)
+                state[state_key(i, chunks)] = sharded_state_dict(chunk)
             add_extra_states(state)
             _share_views(state)
 
@@ -202,104 +132,9 @@ def publish(
     move_into_place(temp, out_dir)
 
 
-def read_meta(ckpt_dir: Path) -> dict[str, Any]:
-    """The bridgecore record of a Megatron checkpoint, or a one-line error saying what is missing."""
-    path = ckpt_dir / META
-    if not (ckpt_dir / RELEASE).is_dir() or not path.is_file():
-        raise BridgeError(
-            f"{ckpt_dir}: not a bridgecore Megatron checkpoint (expected {RELEASE}/ and {META},"
-            " as written by `bridgecore import`); for one saved by Megatron-LM or Megatron-Bridge pass --hf-config"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BridgeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-
-
-#: torch.distributed.checkpoint reads ``.metadata`` with plain ``pickle.load``; these are the only
-#: globals a genuine one refers to (besides torch dtypes), so anything else is refused unread.
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-_METADATA_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        found = super().find_class(module, name) if module.startswith("torch") else None
-        allowed = (module, name) in _METADATA_GLOBALS or isinstance(found, torch.dtype) and module == "torch"
-        if not allowed and not (module in _METADATA_MODULES and isinstance(found, type)):
-            raise pickle.UnpicklingError(f"refers to {module}.{name}")
-        return found
-
-
-def read_dcp_metadata(release: Path) -> Any:
-    """torch.distributed.checkpoint's ``.metadata`` of ``release``, unpickled with the allowlist."""
-    with open(release / ".metadata", "rb") as file:
-        return _MetadataUnpickler(file).load()
-
-
-def common_in_shards() -> bool:
-    """Whether the installed megatron-core saves the common state inside the ``.distcp`` files (0.19, whose
-    save and load dropped the common strategies that read and write ``common.pt``)."""
-    import inspect
-
-    from megatron.core import dist_checkpointing
-
-    return "common_strategy" not in inspect.signature(dist_checkpointing.load).parameters
-
-
-def read_common(release: Path, metadata: Any | None = None) -> tuple[Any, str] | None:
-    """The common state of a torch_dist save and where it was read, from ``common.pt`` or from the
-    ``common_state`` object of the ``.distcp`` files (whichever megatron-core version wrote it), through
-    torch's ``weights_only`` loader; None if the save has neither."""
-    import io
-
-    common = release / COMMON_FILE
-    if common.exists():
-        return torch.load(common, map_location="cpu", weights_only=True), str(common)
-    metadata = read_dcp_metadata(release) if metadata is None else metadata
-    found = [(i, info) for i, info in metadata.storage_data.items() if i.fqn.split("/")[0] == COMMON_STATE]
-    if not found:
-        return None
-    if len(found) > 1 or found[0][1].transform_descriptors:
-        raise BridgeError(f"{release}/.metadata: {COMMON_STATE} is saved in {len(found)} parts or transformed")
-    index, info = found[0]
-    where = release / info.relative_path
-    with open(where, "rb") as file:
-        file.seek(info.offset)
-        data = file.read(info.length)
-    if len(data) != info.length:
-        raise BridgeError(f"{where}: ends before the end of {index.fqn} at byte {info.offset + info.length}")
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return (state[0] if isinstance(state, list) and state else state), f"{where} ({index.fqn})"
-
-
-def check_pickles(release: Path) -> None:
-    """Refuse a torch_dist checkpoint whose pickles could run code, before megatron-core unpickles them.
-
-    ``.metadata`` is unpickled with an allowlist of its own classes; the common state (``common.pt``,
-    or megatron-core 0.19's ``common_state`` object) with torch's ``weights_only`` loader
-    (megatron-core registers its few classes there), whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
-    """
-    try:
-        read_common(release, read_dcp_metadata(release))
-    except BridgeError:
-        raise
-    except FileNotFoundError as err:
-        raise BridgeError(f"{err.filename}: missing; expected a complete torch_dist checkpoint") from None
-    except Exception as err:  # noqa: BLE001 - any failure to read safely is the same refusal
-        raise BridgeError(
-            f"{release}: a pickle in the torch_dist checkpoint is not plain data"
-            f" ({' '.join(str(err).split())[:200]}); refusing to load it because unpickling could run code"
-        ) from None
-
-
 class _InPlaceRead:
     """Mixed into DCP's file system reader that megatron-core's load makes: every tensor chunk goes to
-    :class:`bridgecore.offline._SavedChunks`, which ``preadv``s a whole contiguous chunk into its target
+    :class:`bridgecore.megatron.dcp.SavedChunks`, which ``preadv``s a whole contiguous chunk into its target
     in place and any other through one kept staging buffer; byte items and transformed (compressed)
     chunks stay with DCP's reader."""
 
@@ -312,9 +147,7 @@ class _InPlaceRead:
 
         from torch.distributed.checkpoint.planner import LoadItemType
 
-        from bridgecore.offline import _SavedChunks
-
-        saved = _SavedChunks(Path(self.path), self._saved_metadata)
+        saved = SavedChunks(Path(self.path), self._saved_metadata)
         rest = []
         try:
             for item in plan.items:
@@ -327,7 +160,7 @@ class _InPlaceRead:
                         f"{self.path}: saved chunk {item.storage_index.fqn} is read as {list(item.lengths)}"
                         f" into a target of {list(target.shape)}"
                     )
-                saved._read(item.storage_index, item.storage_offsets, item.lengths, target)
+                saved.read(item.storage_index, item.storage_offsets, item.lengths, target)
                 planner.commit_tensor(item, target)
         finally:
             saved.close()
@@ -372,11 +205,9 @@ def _load_files(state: dict[str, Any], release: Path) -> dict[str, Any]:
     """megatron-core's load of ``state`` from ``release``, its model tensors only (``common.pt`` is left
     unread); files that do not describe this model (a ``.metadata`` of another checkpoint, chunks that
     are not where it says) are one line naming them."""
-    from bridgecore.megatron.training import load_model_only
-
     try:
         with _reading_in_place():
-            return load_model_only(state, release)
+            return training.load_model_only(state, release)
     except BridgeError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to read the files is the same refusal
@@ -437,11 +268,9 @@ def _merge_in_place(state: dict[str, Any]) -> None:
 def load_dist(chunks: list[torch.nn.Module], torch_dist: Path, config: Any) -> None:
     """Load the model weights of a torch_dist save (``release/`` or a training run's ``iter_NNNNNNN/``)
     into this rank's chunks, whatever layout saved them; optimizer and RNG state are never read."""
-    from bridgecore.megatron import training
-
     metadata = parallel.collective(training.saved_metadata, torch_dist)
     key_layout = parallel.collective(training.key_layout, chunks, metadata)
-    state = {_state_key(i, chunks): sharded_state_dict(chunk, key_layout) for i, chunk in enumerate(chunks)}
+    state = {state_key(i, chunks): sharded_state_dict(chunk, key_layout) for i, chunk in enumerate(chunks)}
     parallel.collective(training.check_model_keys, config, training.requested_tensors(state), metadata, str(torch_dist))
     _merge_in_place(state)
     with cpu_compat():
@@ -449,7 +278,7 @@ def load_dist(chunks: list[torch.nn.Module], torch_dist: Path, config: Any) -> N
 
     def apply() -> None:
         for i, chunk in enumerate(chunks):
-            result = chunk.load_state_dict(loaded[_state_key(i, chunks)], strict=False)
+            result = chunk.load_state_dict(loaded[state_key(i, chunks)], strict=False)
             missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
             if missing:
                 raise BridgeError(f"{torch_dist}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]}")

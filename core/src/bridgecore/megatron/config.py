@@ -14,6 +14,20 @@ from typing import Any
 import torch
 from megatron.core.transformer import TransformerConfig
 
+#: the sizes every model's tensors are built from; larger values are corrupt configs, not models.
+SIZES = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "ffn_hidden_size",
+    "vocab_size",
+)
+#: the sizes only mixture-of-experts models have: absent (None) for dense ones.
+MOE_SIZES = ("num_moe_experts", "moe_ffn_hidden_size")
+MODEL_SIZES = SIZES + MOE_SIZES
+
 
 @dataclass
 class ModelConfig(TransformerConfig):

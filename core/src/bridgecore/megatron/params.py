@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from bridgecore.mapping import Shard
 
@@ -117,3 +118,20 @@ def local_tensors(chunks: list[torch.nn.Module], config: Any) -> list[LocalTenso
                 )
             )
     return out
+
+
+def gathered(t: LocalTensor, meta: bool) -> list[torch.Tensor]:
+    """``t`` as every rank of its TP group holds it, in rank order (gathered; empty ones when ``meta``)."""
+    if meta:
+        return [torch.empty(t.tensor.shape, dtype=t.tensor.dtype, device="meta")] * t.shard.size
+    if t.shard.size == 1:
+        return [t.tensor]
+    shards = [torch.empty_like(t.tensor) for _ in range(t.shard.size)]
+    dist.all_gather(shards, t.tensor.contiguous(), group=t.group)
+    return shards
+
+
+def whole(t: LocalTensor, meta: bool) -> torch.Tensor:
+    """``t`` whole: its TP shards joined along the dim they split."""
+    shards = gathered(t, meta)
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=t.partition_dim)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bridgecore.errors import BridgeError
-from bridgecore.hf.config import CONFIG_FILE, read_config
+from bridgecore.megatron.dcp import RELEASE, TRACKER, check_pickles, read_common, read_dcp_metadata
+from bridgecore.megatron.state import sharded_state_dict
 
 if TYPE_CHECKING:
-    from bridgecore.bridge import AutoBridge
     from bridgecore.megatron.config import ModelConfig
 
 ITERATION_DIR = "iter_{:07d}"
@@ -50,8 +50,6 @@ _NOT_MODEL = re.compile(r"^(optimizer\.|rng_state|rerun_state)")
 def torch_dist_dir(ckpt_dir: str | Path, iteration: int | None = None) -> Path:
     """The torch_dist directory of a Megatron checkpoint: ``iter_NNNNNNN/`` for ``iteration``, else
     the one the tracker names, else ``release/``, else ``ckpt_dir`` itself when it is one save."""
-    from bridgecore.megatron.checkpoint import RELEASE, TRACKER
-
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise BridgeError(f"{ckpt_dir}: not a directory; expected a Megatron checkpoint directory")
@@ -107,8 +105,6 @@ def saved_metadata(path: Path) -> Any:
     """The ``.metadata`` of a torch_dist save, unpickled with the allowlist of ``check_pickles``."""
     import megatron.core  # noqa: F401 - registers megatron-core's classes with torch's weights_only loader
 
-    from bridgecore.megatron.checkpoint import check_pickles, read_dcp_metadata
-
     check_pickles(path)
     return read_dcp_metadata(path)
 
@@ -117,8 +113,6 @@ def saved_args(path: Path) -> tuple[Any, str] | None:
     """The ``args`` namespace a Megatron-LM run saved in its common state, and where; None if it saved
     none (vetted by ``check_pickles``)."""
     import megatron.core  # noqa: F401 - registers megatron-core's classes with torch's weights_only loader
-
-    from bridgecore.megatron.checkpoint import read_common
 
     found = read_common(path)
     if found is None or not isinstance(found[0], dict) or found[0].get("args") is None:
@@ -200,11 +194,11 @@ def _differing_field(config: ModelConfig, saved: tuple[int, ...], ours: tuple[in
     """`` (hidden_size 64, 128 saved)``: the config size a differing dimension comes from, when one does."""
     if len(saved) != len(ours):
         return ""
-    from bridgecore.bridge import _MOE_SIZES, _SIZES
+    from bridgecore.megatron.config import MODEL_SIZES
 
     for mine, theirs in zip(ours, saved, strict=True):
         if mine != theirs:
-            fields = [f for f in _SIZES + _MOE_SIZES if getattr(config, f, None) == mine]
+            fields = [f for f in MODEL_SIZES if getattr(config, f, None) == mine]
             if fields:
                 return f" ({fields[0]} {mine}, {theirs} saved)"
     return ""
@@ -219,7 +213,6 @@ def key_layout(chunks: list[torch.nn.Module], metadata: Any) -> dict[str, Any]:
     """The first of ``KEY_LAYOUTS`` under which the saved keys hold every tensor of every rank's
     ``chunks`` (a collective under torchrun); ``{}`` when none does, left for ``check_model_keys``."""
     from bridgecore.megatron import parallel
-    from bridgecore.megatron.checkpoint import sharded_state_dict
     from bridgecore.megatron.compat import cpu_compat
 
     saved = metadata.state_dict_metadata
@@ -257,7 +250,7 @@ def saved_float_dtype(metadata: Any) -> torch.dtype | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def _config_dtype(hf_config: dict[str, Any], where: Path) -> torch.dtype:
+def config_dtype(hf_config: dict[str, Any], where: Path) -> torch.dtype:
     """The floating dtype config.json names (``dtype`` or ``torch_dtype``, top level or text config)."""
     text = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), dict) else {}
     for holder in (hf_config, text):
@@ -274,48 +267,6 @@ def _config_dtype(hf_config: dict[str, Any], where: Path) -> torch.dtype:
     )
 
 
-def bridge_for(
-    hf_config: str | Path, ckpt_dir: str | Path, iteration: int | None = None, plugin: str | None = None
-) -> AutoBridge:
-    """The bridge that exports a checkpoint bridgecore did not write, from the model's HF config.
-
-    ``hf_config`` is a directory holding ``config.json`` (typically the HF checkpoint the training
-    started from: its safetensors headers then give the exact names, layout and dtypes to write) or
-    that ``config.json`` itself. The params are built in the dtype the checkpoint saved them in, and
-    the checkpoint's ``args`` are checked against the config here, before any model is built.
-    """
-    from bridgecore.bridge import AutoBridge, SourceMeta
-    from bridgecore.hf.reader import CheckpointReader
-
-    path = Path(hf_config)
-    if path.is_file() and path.name == CONFIG_FILE:
-        path = path.parent
-    elif not path.is_dir():
-        raise BridgeError(f"--hf-config {path}: expected a directory holding {CONFIG_FILE}, or that file")
-    config = read_config(path)
-    reader = CheckpointReader(path) if any(path.glob("*.safetensors")) else None
-    torch_dist = torch_dist_dir(ckpt_dir, iteration)
-    metadata = saved_metadata(torch_dist)
-    params_dtype = saved_float_dtype(metadata)
-    if params_dtype is None:
-        raise BridgeError(f"{torch_dist}: holds no model weights (only optimizer or RNG state)")
-    bridge = AutoBridge.from_hf_config(
-        config,
-        hf_dir=path,
-        plugin=plugin,
-        params_dtype=params_dtype,
-        reader=reader,
-        source=SourceMeta.of(reader) if reader else None,
-    )
-    bridge.megatron_keys = frozenset(metadata.state_dict_metadata)
-    if reader is None:
-        bridge.float_dtype = _config_dtype(config, path / CONFIG_FILE)
-    args = saved_args(torch_dist)
-    if args is not None:
-        check_args(bridge.config, *args)
-    return bridge
-
-
 def load_model_only(state: dict[str, Any], release: Path) -> dict[str, Any]:
     """megatron-core's load of ``state`` from ``release`` with ``common.pt`` left unread: the model's
     tensors need nothing from it (args, scheduler and optimizer param groups stay on disk), and a
@@ -325,7 +276,7 @@ def load_model_only(state: dict[str, Any], release: Path) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import serialization
 
-    from bridgecore.megatron.checkpoint import common_in_shards
+    from bridgecore.megatron.dcp import common_in_shards
 
     if not common_in_shards():
         from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy

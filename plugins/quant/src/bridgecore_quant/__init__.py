@@ -10,11 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from bridgecore.hookspecs import hookimpl
+from bridgecore.plugin import hookimpl
 
 if TYPE_CHECKING:
-    from bridgecore.mapping import Mapping, MappingTable, Source
-    from bridgecore.megatron.config import ModelConfig
+    from bridgecore.plugin import Mapping, MappingTable, ModelConfig, Source
 
 #: the public names, imported from their submodules on first use (`bridgecore plugins` loads this
 #: module without torch)

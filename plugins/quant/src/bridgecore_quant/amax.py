@@ -35,8 +35,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from bridgecore.errors import BridgeError
-from bridgecore.mapping import (
+from bridgecore.plugin import (
+    BridgeError,
     Broadcast,
     FusedQKV,
     HFPiece,

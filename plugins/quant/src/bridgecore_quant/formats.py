@@ -26,10 +26,14 @@ from typing import Any
 
 import torch
 
-from bridgecore.errors import BridgeError
-from bridgecore.hf.config import copy_side_files
-from bridgecore.hf.reader import CheckpointReader
-from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, check_target
+from bridgecore.plugin import (
+    DEFAULT_MAX_SHARD_SIZE,
+    BridgeError,
+    CheckpointReader,
+    ShardedWriter,
+    check_target,
+    copy_side_files,
+)
 from bridgecore_quant import numerics
 from bridgecore_quant.amax import (
     INPUT_AMAX,

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from bridgecore.errors import BridgeError
-from bridgecore.mapping import MappingTable, Source, Stacked
+from bridgecore.plugin import BridgeError, MappingTable, Source, Stacked
 from bridgecore_quant.amax import INPUT_AMAX, KV_AMAX, PARTS, WEIGHT_AMAX, Amax, is_per_tensor, skeleton
 
 #: the quantizer containers a checkpoint may carry, by the buffer's suffix.
@@ -163,7 +162,7 @@ def global_namer(model: torch.nn.Module, config: Any) -> Callable[[str], str]:
     from megatron.core.transformer.multi_token_prediction import get_mtp_layer_offset
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from bridgecore.megatron.params import global_name
+    from bridgecore.plugin import global_name
 
     vp_stage = getattr(model, "vp_stage", None)
     layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bridgecore.hookspecs import hookimpl
+from bridgecore.plugin import hookimpl
+from bridgecore_qwen35.architectures import ARCHITECTURES
 
 if TYPE_CHECKING:
     from bridgecore_qwen35.provider import Qwen35Config
 
 __version__ = "0.1.0"
-
-#: text-only classes keep the decoder under `model.`; the VL classes nest it (`model.language_model.`).
-TEXT_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
-VL_ARCHITECTURES = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
-ARCHITECTURES = TEXT_ARCHITECTURES + VL_ARCHITECTURES
 
 
 def _ours(hf_config: dict[str, Any]) -> bool:

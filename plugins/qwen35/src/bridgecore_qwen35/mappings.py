@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from bridgecore.errors import BridgeError
-from bridgecore.mapping import (
+from bridgecore.plugin import (
+    BridgeError,
     ColumnParallel,
     Concat,
     FusedQKV,
@@ -30,7 +30,7 @@ from bridgecore.mapping import (
     Shifted,
     Stacked,
 )
-from bridgecore_qwen35 import VL_ARCHITECTURES
+from bridgecore_qwen35.architectures import VL_ARCHITECTURES
 
 #: the vision tower of the VL checkpoints; not converted (see README), waived with --allow-unmapped.
 VISION_TENSORS = "model.visual.*"

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from bridgecore.errors import BridgeError
-from bridgecore.megatron.config import ModelConfig
+from bridgecore.plugin import BridgeError, ModelConfig
 from bridgecore_qwen35.gdn import torch_gdn_kernels
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from bridgecore.errors import BridgeError
+from bridgecore.plugin import BridgeError
 from bridgecore_qwen35.provider import text_config
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

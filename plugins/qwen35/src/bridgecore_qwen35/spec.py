@@ -21,8 +21,7 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from bridgecore.megatron.norms import LocalNorm
-from bridgecore.megatron.specs import ModelSpec
+from bridgecore.plugin import LocalNorm, ModelSpec
 
 
 class NormColumnParallelLinear(MegatronModule):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bridgecore.tiny import TinyModel, random_tensor, write_checkpoint
+from bridgecore.plugin import TinyModel, random_tensor, write_checkpoint
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 K_HEADS, V_HEADS, K_DIM, V_DIM, CONV = 2, 4, 16, 16, 4

@@ -11,14 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from bridgecore.hookspecs import hookimpl
+from bridgecore.plugin import hookimpl
+from bridgecore_step35.architectures import ARCHITECTURE
 
 if TYPE_CHECKING:
-    from bridgecore.mapping import Mapping
-    from bridgecore.tiny import TinyModel
+    from bridgecore.plugin import Mapping, TinyModel
     from bridgecore_step35.provider import Step35Config
 
-ARCHITECTURE = "Step3p5ForCausalLM"
 
 #: the public names, imported from their submodules on first use
 _EXPORTS = {

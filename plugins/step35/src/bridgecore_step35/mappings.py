@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from bridgecore.mapping import ColumnParallel, FusedQKV, GatedMLP, Mapping, Replicated, RowParallel, Stacked
+from bridgecore.plugin import ColumnParallel, FusedQKV, GatedMLP, Mapping, Replicated, RowParallel, Stacked
 from bridgecore_step35.provider import Step35Config
 
 #: HF prefixes of the language model: the released layout, and re-saved multimodal (Step-3.7) ones.

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bridgecore.errors import BridgeError
-from bridgecore.megatron.config import ModelConfig
+from bridgecore.plugin import BridgeError, ModelConfig
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

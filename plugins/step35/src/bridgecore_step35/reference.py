@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from bridgecore.errors import BridgeError
+from bridgecore.plugin import BridgeError
 
 _MOE_RENAMES = {
     "moe.gate.weight": "mlp.gate.weight",

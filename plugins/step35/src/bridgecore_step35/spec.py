@@ -31,8 +31,7 @@ from megatron.core.transformer.multi_token_prediction import MultiTokenPredictio
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
-from bridgecore.errors import BridgeError
-from bridgecore.megatron.specs import ModelSpec, gpt_block_spec, gpt_mtp_spec, with_local_norms
+from bridgecore.plugin import BridgeError, ModelSpec, gpt_block_spec, gpt_mtp_spec, with_local_norms
 from bridgecore_step35.provider import Step35Config
 
 

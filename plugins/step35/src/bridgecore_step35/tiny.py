@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bridgecore.tiny import TinyModel, random_tensor, write_checkpoint
+from bridgecore.plugin import TinyModel, random_tensor, write_checkpoint
 from bridgecore_step35.provider import FULL, SLIDING, step35_model_config
 
 TINY_CONFIG: dict[str, Any] = {

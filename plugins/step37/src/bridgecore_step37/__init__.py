@@ -11,18 +11,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from bridgecore.hookspecs import hookimpl
+from bridgecore.plugin import hookimpl
+from bridgecore_step37.architectures import ARCHITECTURE
 
 if TYPE_CHECKING:
-    from bridgecore.mapping import Mapping
-    from bridgecore.tiny import TinyModel
-    from bridgecore_step37.provider import Step37Config
+    from bridgecore.plugin import Mapping, TinyModel
+    from bridgecore_step37.vision import Step37Config
 
-ARCHITECTURE = "Step3p7ForConditionalGeneration"
 
 #: the public names, imported from their submodules on first use
 _EXPORTS = {
-    "Step37Config": "bridgecore_step37.provider",
+    "Step37Config": "bridgecore_step37.vision",
     "step37_model_config": "bridgecore_step37.provider",
     "step37_mappings": "bridgecore_step37.mappings",
 }
@@ -42,7 +41,7 @@ def _is_step37(hf_config: dict[str, Any]) -> bool:
 
 
 def _ours(config: Any) -> bool:
-    from bridgecore_step37.provider import Step37Config
+    from bridgecore_step37.vision import Step37Config
 
     return isinstance(config, Step37Config)
 

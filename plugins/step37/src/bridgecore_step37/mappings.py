@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from bridgecore.mapping import Mapping, Replicated
+from bridgecore.plugin import Mapping, Replicated
 from bridgecore_step35.mappings import HF_PREFIXES, detect_hf_prefix, step35_mappings
-from bridgecore_step37.provider import Step37Config
+from bridgecore_step37.vision import Step37Config
 
 LANGUAGE_MODEL = "language_model."
 VISION_MODEL = "vision_model."

@@ -9,16 +9,13 @@ top-level keys `image_token_id`, `projector_bias` and `understand_projector_stri
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from bridgecore.errors import BridgeError
+from bridgecore.plugin import BridgeError
 from bridgecore_step35.provider import Step35Config, step35_model_config
+from bridgecore_step37.vision import DEFAULT_IMAGE_TOKEN_ID, Step37Config, VisionConfig
 
-#: The released values, used when config.json omits the key.
-DEFAULT_IMAGE_TOKEN_ID = 128001
+#: The released value, used when config.json omits the key.
 DOWNSAMPLE_STRIDE = 2
 #: Vision features the released tower does not use, with the value the tower here requires.
 _VISION_FIXED = {
@@ -30,30 +27,6 @@ _VISION_FIXED = {
     "hidden_act": "quick_gelu",
     "rope_theta_rescale_factor": 1.0,
 }
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    """The PE-G/14 vision tower (`vision_config`, model_type `perception_encoder`)."""
-
-    width: int
-    layers: int
-    heads: int
-    patch_size: int
-    image_size: int
-    intermediate_size: int
-    layer_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    num_channels: int = 3
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of the native image size, which the positional embedding covers."""
-        return self.image_size // self.patch_size
 
 
 def _size(cfg: dict[str, Any], *keys: str) -> int:
@@ -97,35 +70,6 @@ def vision_config(cfg: dict[str, Any]) -> VisionConfig:
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         num_channels=int(cfg.get("num_channels", 3)),
     )
-
-
-@dataclass
-class Step37Config(Step35Config):
-    """The Step-3.5 text decoder's config plus the vision tower and the projector."""
-
-    vision: VisionConfig | None = None
-    image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
-    projector_bias: bool = False
-
-    @property
-    def projector_input_size(self) -> int:
-        """Width of the tower's output tokens: each stride-2 downsampler doubles the channels."""
-        return self.vision.width * 4
-
-    def build_model(
-        self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool, vp_stage: int | None
-    ) -> torch.nn.Module:
-        from bridgecore_step37.vision import Step37Model
-
-        return Step37Model(self, spec, mtp_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
-
-    def forward_logits(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits [batch, seq, vocab]; with `pixel_values` the image tokens carry image features."""
-        from bridgecore_step37.vision import multimodal_logits
-
-        return multimodal_logits(model, input_ids, pixel_values)
 
 
 def step37_model_config(hf_config: dict[str, Any]) -> Step37Config:

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from bridgecore.errors import BridgeError
-from bridgecore.hf.reader import CheckpointReader
+from bridgecore.plugin import BridgeError, CheckpointReader
 from bridgecore_step35.reference import reference_state_dict
 from bridgecore_step37.provider import vision_config
 

@@ -6,9 +6,9 @@ adds them around the GPTModel this spec describes.
 
 from __future__ import annotations
 
-from bridgecore.megatron.specs import ModelSpec
+from bridgecore.plugin import ModelSpec
 from bridgecore_step35.spec import step35_spec
-from bridgecore_step37.provider import Step37Config
+from bridgecore_step37.vision import Step37Config
 
 
 def step37_spec(config: Step37Config, vp_stage: int | None = None) -> ModelSpec:

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from bridgecore.tiny import TinyModel, random_tensor, write_checkpoint
+from bridgecore.plugin import TinyModel, random_tensor, write_checkpoint
 from bridgecore_step35.tiny import TINY_CONFIG as STEP35_TINY_CONFIG
 from bridgecore_step35.tiny import step35_tensor_shapes
-from bridgecore_step37 import ARCHITECTURE
+from bridgecore_step37.architectures import ARCHITECTURE
 from bridgecore_step37.provider import vision_config
 
 #: Keys the released Step-3.7 text_config does not carry.

@@ -1,4 +1,5 @@
-"""The Step-3.7 Megatron model: megatron-core's GPTModel (Step-3.5 spec) plus the PE-G/14 tower.
+"""The Step-3.7 Megatron model and its config: megatron-core's GPTModel (Step-3.5 spec) plus the
+PE-G/14 tower. `Step37Config` (what `provider.py` makes of config.json) builds `Step37Model`.
 
 `Step37Model` is a MegatronModule holding `language_model` (GPTModel), `vision_model` and
 `image_insert_embedding.align_projector`; its default `sharded_state_dict` saves the tower and the
@@ -16,14 +17,43 @@ col·f_p for the first head_dim/4 pairs and by row·f_p for the rest (W then H),
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from bridgecore.errors import BridgeError
-from bridgecore.megatron.config import ModelConfig
-from bridgecore_step37.provider import Step37Config, VisionConfig
+from bridgecore.plugin import BridgeError, ModelConfig
+from bridgecore_step35.provider import Step35Config
+
+#: The released image token id, used when config.json omits it.
+DEFAULT_IMAGE_TOKEN_ID = 128001
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The PE-G/14 vision tower (`vision_config`, model_type `perception_encoder`)."""
+
+    width: int
+    layers: int
+    heads: int
+    patch_size: int
+    image_size: int
+    intermediate_size: int
+    layer_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    num_channels: int = 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the native image size, which the positional embedding covers."""
+        return self.image_size // self.patch_size
 
 
 def rope_2d_angles(grid_h: int, grid_w: int, head_dim: int, theta: float) -> torch.Tensor:
@@ -220,7 +250,7 @@ def insert_image_features(
 def multimodal_logits(model: Step37Model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
     """Logits [batch, seq, vocab] of a single-stage model, with the causal mask and positions 0..seq-1,
     the vocab gathered over TP."""
-    from bridgecore.megatron.config import gather_vocab
+    from bridgecore.plugin import gather_vocab
 
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
@@ -233,3 +263,28 @@ def multimodal_logits(model: Step37Model, input_ids: torch.Tensor, pixel_values:
         return gather_vocab(model(input_ids, position_ids, mask, pixel_values=pixel_values))
     finally:
         language.mtp_process, language.config.mtp_num_layers = mtp
+
+
+@dataclass
+class Step37Config(Step35Config):
+    """The Step-3.5 text decoder's config plus the vision tower and the projector."""
+
+    vision: VisionConfig | None = None
+    image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
+    projector_bias: bool = False
+
+    @property
+    def projector_input_size(self) -> int:
+        """Width of the tower's output tokens: each stride-2 downsampler doubles the channels."""
+        return self.vision.width * 4
+
+    def build_model(
+        self, spec: Any, mtp_spec: Any, *, pre_process: bool, post_process: bool, vp_stage: int | None
+    ) -> torch.nn.Module:
+        return Step37Model(self, spec, mtp_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+    def forward_logits(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [batch, seq, vocab]; with `pixel_values` the image tokens carry image features."""
+        return multimodal_logits(model, input_ids, pixel_values)

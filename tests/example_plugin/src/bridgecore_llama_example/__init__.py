@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bridgecore.defaults import TransformersModel
-from bridgecore.errors import BridgeError
-from bridgecore.hookspecs import hookimpl
+from bridgecore.plugin import BridgeError, TransformersModel, hookimpl
 
 if TYPE_CHECKING:  # imported in the hooks, so that `bridgecore plugins` imports no torch
-    from bridgecore.mapping import Mapping
-    from bridgecore.megatron.config import ModelConfig
+    from bridgecore.plugin import Mapping, ModelConfig
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -53,7 +50,7 @@ def provider_config(hf_config: dict[str, Any]) -> ModelConfig:
         raise BridgeError(f"config.json: dtype {dtype_name!r} is not one of {sorted(_DTYPES)}")
     import torch
 
-    from bridgecore.megatron.config import ModelConfig
+    from bridgecore.plugin import ModelConfig
 
     dtype = getattr(torch, dtype_name)
     return ModelConfig(
@@ -80,14 +77,14 @@ def provider_config(hf_config: dict[str, Any]) -> ModelConfig:
 
 @hookimpl
 def layer_spec(config: ModelConfig, vp_stage: int | None) -> Any:
-    from bridgecore.megatron.specs import gpt_block_spec  # megatron-core loads only when a model is built
+    from bridgecore.plugin import gpt_block_spec  # megatron-core loads only when a model is built
 
     return gpt_block_spec(config, vp_stage)
 
 
 @hookimpl
 def mappings(config: ModelConfig) -> list[Mapping]:
-    from bridgecore.mapping import ColumnParallel, FusedQKV, GatedMLP, Replicated, RowParallel
+    from bridgecore.plugin import ColumnParallel, FusedQKV, GatedMLP, Replicated, RowParallel
 
     layer, hf_layer = "decoder.layers.{layer}.", "model.layers.{layer}."
     table: list[Mapping] = [

@@ -1,8 +1,8 @@
 """One conversion, decided once: what it reads, maps, keeps verbatim, checks and writes.
 
-:meth:`bridgecore.bridge.AutoBridge.plan_conversion` makes the :class:`ConversionPlan` of a layout.
-The in-memory paths (:class:`~bridgecore.bridge.AutoBridge`, one rank or many) and the offline paths
-(:mod:`bridgecore.offline`) only execute it, so a hook or a check cannot run on one path and be
+:meth:`bridgecore.plan.bridge.Bridge.plan_conversion` makes the :class:`ConversionPlan` of a layout.
+The executors (in memory: :mod:`bridgecore.memory`, one rank or many; offline: :mod:`bridgecore.offline`;
+weight streaming: :mod:`bridgecore.streaming`) only execute it, so a hook or a check cannot run on one path and be
 missed by the other:
 
 - the layout check runs when the plan is made, before any process group, file or tensor;
@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
@@ -30,17 +30,30 @@ from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, PlanEntry, ShardedWrite
 from bridgecore.mapping import Copies, MappingTable
 from bridgecore.mapping.table import Coverage
 from bridgecore.megatron import parallel
+from bridgecore.megatron.dcp import PASSTHROUGH
 from bridgecore.megatron.parallel import Layout
+from bridgecore.plugins import Plugins
 
-if TYPE_CHECKING:
-    from bridgecore.bridge import AutoBridge
+
+class Checkpoint(Protocol):
+    """What a plan reads of the bridge that made it (:class:`bridgecore.plan.bridge.Bridge`)."""
+
+    plugins: Plugins
+    config: Any
+    hf_keys: frozenset[str]
+    hf_dir: Path | None
+    hf_config: dict[str, Any]
+    reader: Any
+    source: Any
+    passthrough_reader: Any
+    megatron_keys: frozenset[str] | None
 
 
 @dataclass
 class ConversionPlan:
     """What one conversion of ``bridge`` at ``layout`` does; see the module docstring."""
 
-    bridge: AutoBridge
+    bridge: Checkpoint
     layout: Layout
     table: MappingTable
     #: HF tensors the plugin keeps verbatim (its ``passthrough`` hook), in source order.
@@ -79,8 +92,6 @@ class ConversionPlan:
 
     def keep_passthrough(self, ckpt_dir: Path) -> None:
         """Write the passthrough tensors into ``ckpt_dir``'s ``passthrough/``, beside the Megatron weights."""
-        from bridgecore.megatron.checkpoint import PASSTHROUGH
-
         if not self.passthrough:
             return
         source = self.bridge.source

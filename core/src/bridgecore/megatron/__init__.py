@@ -1,0 +1,1 @@
+"""The Megatron side: configs, specs and model building, process groups, torch_dist and training runs."""

@@ -1,0 +1,3 @@
+"""The version of the bridgecore distribution (also in core/pyproject.toml)."""
+
+__version__ = "0.2.0"

@@ -1,0 +1,3 @@
+"""The HF architecture this plugin converts (config.json ``architectures[0]``)."""
+
+ARCHITECTURE = "Step3p7ForConditionalGeneration"
