@@ -159,3 +159,29 @@ def test_several_ranks(
     _exact(checkpoints[name], out / "hf")
     if kind == "memory":
         _close(torch.load(out / "logits.pt"), torch.load(checkpoints[name].with_name(f"{name}.logits.pt")))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "+mtp" in n])
+def test_every_mtp_tensor_of_a_shape_holds_its_own_values(checkpoints: dict[str, Path], name: str) -> None:
+    """A mapping that swaps two MTP tensors of one shape (enorm and hnorm, the shared head's norm) must
+    change the checkpoint's values: no two of them may be equal. Qwen3.5 keeps MTP under ``mtp.``,
+    Step under the layer numbers after the decoder's."""
+    import json
+
+    from safetensors import safe_open
+
+    config = json.loads((checkpoints[name] / "config.json").read_text())
+    decoder = config.get("text_config", config)["num_hidden_layers"]
+    mtp = {}
+    for file in sorted(checkpoints[name].glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            mtp |= {k: f.get_tensor(k) for k in f.keys() if k.startswith("mtp.") or f"layers.{decoder}." in k}
+    assert len(mtp) >= 3, name
+    names = sorted(mtp)
+    same = [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if mtp[a].shape == mtp[b].shape and torch.equal(mtp[a], mtp[b])
+    ]
+    assert same == []
