@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +78,25 @@ def test_inspect_prints_config_table_and_coverage(llama_dir: Path) -> None:
     assert "moe_router_topk" not in out  # megatron-core's MoE defaults are not shown for a dense model
     assert "decoder.layers.1.self_attention.linear_qkv.weight" in out and "FusedQKV" in out
     assert "coverage: 15 Megatron tensors <- 21 of 21 HF tensors" in out
+
+
+@pytest.mark.parametrize("command", ["--help", "plugins", "inspect"])
+def test_what_each_command_imports(llama_dir: Path, command: str) -> None:
+    """``--help`` and ``plugins`` load neither torch nor megatron-core; a converting command loads
+    megatron-core only after setting up its deferred compile, so torch's dynamo and inductor stay
+    unloaded (importing megatron-core first, anywhere, would load them: about 800 modules, seconds)."""
+    args = {"--help": ["--help"], "plugins": ["plugins"], "inspect": ["inspect", str(llama_dir)]}[command]
+    code = (
+        "import sys\nfrom bridgecore.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'megatron.core', 'torch._dynamo', 'torch._inductor')"
+        " if m in sys.modules))"
+    )
+    env = dict(os.environ, BRIDGECORE_PLUGINS=PLUGINS, PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    loaded = next(line for line in done.stdout.splitlines() if line.startswith("LOADED"))
+    expected = [] if command != "inspect" else ["megatron.core", "torch"]
+    assert loaded == f"LOADED {expected}", done.stderr[-2000:]
 
 
 def test_demo_runs_the_example(tmp_path: Path) -> None:

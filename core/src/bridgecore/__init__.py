@@ -20,9 +20,7 @@ from bridgecore.version import __version__
 if TYPE_CHECKING:
     from bridgecore.api import (
         Inspection,
-        abandon_run,
         check_apart,
-        end_run,
         export_checkpoint,
         hf_checkpoint,
         import_checkpoint,
@@ -30,7 +28,6 @@ if TYPE_CHECKING:
         leftovers_note,
         open_hf,
         roundtrip,
-        start_run,
         verify,
         waived_report,
     )
@@ -40,6 +37,7 @@ if TYPE_CHECKING:
     from bridgecore.megatron.parallel import Layout
     from bridgecore.memory import AutoBridge
     from bridgecore.plugins import PluginInfo, Plugins, failing_plugin, install_hint, installed
+    from bridgecore.runs import abandon_run, end_run, start_run
     from bridgecore.scaffold import write_plugin
     from bridgecore.streaming import export_hf_weights
     from bridgecore.weights import WeightBucket, buckets
@@ -47,9 +45,7 @@ if TYPE_CHECKING:
 _MODULES = {
     "bridgecore.api": (
         "Inspection",
-        "abandon_run",
         "check_apart",
-        "end_run",
         "export_checkpoint",
         "hf_checkpoint",
         "import_checkpoint",
@@ -57,7 +53,6 @@ _MODULES = {
         "leftovers_note",
         "open_hf",
         "roundtrip",
-        "start_run",
         "verify",
         "waived_report",
     ),
@@ -67,6 +62,7 @@ _MODULES = {
     "bridgecore.megatron.parallel": ("Layout",),
     "bridgecore.memory": ("AutoBridge",),
     "bridgecore.plugins": ("PluginInfo", "Plugins", "failing_plugin", "install_hint", "installed"),
+    "bridgecore.runs": ("abandon_run", "end_run", "start_run"),
     "bridgecore.scaffold": ("write_plugin",),
     "bridgecore.streaming": ("export_hf_weights",),
     "bridgecore.weights": ("WeightBucket", "buckets"),

@@ -9,7 +9,6 @@ inside its input, and an existing output unless ``overwrite``.
 
 from __future__ import annotations
 
-import gc
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -359,27 +358,3 @@ def inspect(
         f"; {kept} kept verbatim (passthrough)" if kept else ""
     )
     return Inspection(bridge, fields, rows, coverage, waived=waived_report(bridge))
-
-
-# -- one command's run, as the CLI frames it --------------------------------------------------------
-def start_run() -> None:
-    """Before a converting command: megatron-core imported (or one line on why it cannot be), and the
-    objects it and torch leave frozen out of Python's collections (7-9% of a conversion's CPU went
-    to walking them; they live until exit anyway)."""
-    from bridgecore.megatron.compat import import_megatron_core
-
-    import_megatron_core()
-    gc.freeze()
-
-
-def end_run() -> None:
-    """After a command succeeded: leave its process group (with the final barrier)."""
-    parallel.leave()
-
-
-def abandon_run() -> str | None:
-    """After a command failed: drop its process group without the final barrier (the other ranks may be
-    gone); returns the first error any rank published, if one did."""
-    found = parallel.first_error()
-    parallel.forget()
-    return found
