@@ -381,13 +381,13 @@ def stream_to_hf(
         saved.read_param(name, regions.get(name, []), value)
         return value
 
-    def read(pair: tuple[LocalTensor, Binding]) -> tuple[torch.Tensor, tuple[list[torch.Tensor | None], ...]]:
+    def read(pair: tuple[LocalTensor, Binding]) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
         """The param's value, and (when its mapping needs others beside it) theirs, whole."""
         t, b = pair
         value = buffers.take(t.tensor.shape, t.tensor.dtype)
         saved.read_param(t.name, regions.get(t.name, []), value)
         needs = b.mapping.needs(b.capture_dict)
-        return value, ([whole(n) for n in needs],) if needs else ()
+        return value, [whole(n) for n in needs] if needs else None
 
     with _processes() as (rank, procs):
         order = {t.name: i for i, (t, _) in enumerate(bound)}
@@ -397,8 +397,7 @@ def stream_to_hf(
         def write(writer: ShardedWriter, copies: Copies) -> None:
             progress = track(_read_ahead(mine, read), "offline export", "param", total=len(mine), enabled=rank == 0)
             for (_, b), (value, given) in progress:
-                for piece in b.mapping.to_hf([value], b.capture_dict, *given):
-                    piece.tensor = exact_cast(piece.tensor, bridge.hf_dtype(piece.name, value.dtype), piece.name)
+                for piece in bridge.hf_pieces(b, [value], given, value.dtype):
                     if copies.keep(piece):
                         writer.write(piece.name, piece.tensor, expert=piece.expert)
                 buffers.give(value)

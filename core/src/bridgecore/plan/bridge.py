@@ -319,16 +319,20 @@ class Bridge:
 
     # -- export plan --------------------------------------------------------------------------------
     def pieces(self, t: LocalTensor, b: Binding, named: dict[str, LocalTensor], meta: bool = False) -> list[HFPiece]:
-        """``t``'s HF pieces; ``named`` holds this rank's bound tensors by name, for what the mapping needs."""
+        """``t``'s HF pieces, its shards gathered over TP; ``named`` holds this rank's bound tensors by
+        name, for what the mapping needs."""
         needs = b.mapping.needs(b.capture_dict)
-        if needs:
-            given = [None if n not in named else whole(named[n], meta) for n in needs]
-            pieces = b.mapping.to_hf(gathered(t, meta), b.capture_dict, given)
-        else:
-            pieces = b.mapping.to_hf(gathered(t, meta), b.capture_dict)
+        given = [None if n not in named else whole(named[n], meta) for n in needs] if needs else None
+        return self.hf_pieces(b, gathered(t, meta), given, t.tensor.dtype)
+
+    def hf_pieces(
+        self, b: Binding, shards: list[torch.Tensor], given: list[torch.Tensor | None] | None, dtype: torch.dtype
+    ) -> list[HFPiece]:
+        """The HF pieces of a param of ``dtype`` from its TP ``shards`` and, when its mapping needs other
+        params, their whole values ``given``; each cast exactly to the dtype it is written in."""
+        pieces = b.mapping.to_hf(shards, b.capture_dict, *(() if given is None else (given,)))
         for piece in pieces:
-            dtype = self.hf_dtype(piece.name, t.tensor.dtype)
-            piece.tensor = exact_cast(piece.tensor.detach(), dtype, piece.name)
+            piece.tensor = exact_cast(piece.tensor.detach(), self.hf_dtype(piece.name, dtype), piece.name)
         return pieces
 
     def hf_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
