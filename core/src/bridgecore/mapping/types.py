@@ -32,11 +32,13 @@ class Source(Protocol):
 class TensorSource:
     """A :class:`Source` over tensors in memory, for tests of mappings (the core's and plugins').
 
-    Reads return copies, as reads from a file do, and ``elements_read`` counts what they returned.
+    Reads return copies, as reads from a file do; ``reads`` counts them and ``elements_read`` what
+    they returned.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
+        self.reads = 0
         self.elements_read = 0
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -44,6 +46,7 @@ class TensorSource:
 
     def read(self, name: str, index: tuple[slice | int, ...]) -> torch.Tensor:
         out = self.tensors[name][index].clone()
+        self.reads += 1
         self.elements_read += out.numel()
         return out
 
