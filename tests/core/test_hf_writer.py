@@ -1,5 +1,8 @@
+import ctypes
+import errno
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from safetensors.torch import save_file
 from bridgecore.errors import BridgeError
 from bridgecore.hf import writer as writer_module
 from bridgecore.hf.reader import CheckpointReader
-from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
+from bridgecore.hf.writer import ShardedWriter, check_target, leftover_temporaries, parse_size
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -300,3 +303,63 @@ def test_parse_size(size, expected: int):
 def test_parse_size_errors(size):
     with pytest.raises(BridgeError, match="shard size"):
         parse_size(size)
+
+
+def test_attach_takes_the_temp_dir_create_made(tmp_path: Path):
+    plan = [("w", (4,), torch.float32)]
+    writer = ShardedWriter(tmp_path / "out", plan, files={"w": "model.safetensors"})
+    temp_dir = writer.create()
+    other = ShardedWriter.attach(tmp_path / "out", plan, "5GB", temp_dir, files={"w": "model.safetensors"})
+    other.write("w", torch.arange(4.0))
+    writer.commit([other.written()])
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("w"), torch.arange(4.0))
+    (temp_dir := ShardedWriter(tmp_path / "two", plan).create()).joinpath("model.safetensors").unlink()
+    with pytest.raises(BridgeError, match=r"model.safetensors: missing or not \d+ bytes"):
+        ShardedWriter.attach(tmp_path / "two", plan, "5GB", temp_dir)
+
+
+def test_exchange_swaps_two_directories(tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("from a"), (b / "y").write_text("from b")
+    assert writer_module._exchange(a, b)
+    assert [p.name for p in a.iterdir()] == ["y"] and [p.name for p in b.iterdir()] == ["x"]
+    with pytest.raises(OSError) as missing:
+        writer_module._exchange(a, tmp_path / "none")
+    assert (missing.value.errno, missing.value.strerror, missing.value.filename) == (
+        errno.ENOENT,
+        os.strerror(errno.ENOENT),
+        str(tmp_path / "none"),
+    )
+
+
+class _Libc:
+    """A C library whose renameat2 fails with `code`, or that has none (code None)."""
+
+    def __init__(self, code: int | None):
+        if code is not None:
+            self.renameat2 = lambda *args: (ctypes.set_errno(code), -1)[1]
+
+
+@pytest.mark.parametrize(
+    ("code", "swaps"), [(None, False), (errno.EINVAL, False), (errno.ENOSYS, False), (errno.EOPNOTSUPP, False)]
+)
+def test_exchange_says_where_the_system_cannot_swap(tmp_path: Path, monkeypatch, code, swaps: bool):
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kw: _Libc(code))
+    assert writer_module._exchange(tmp_path / "a", tmp_path / "b") is swaps
+
+
+def test_exchange_raises_what_the_system_refused(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kw: _Libc(errno.EACCES))
+    with pytest.raises(PermissionError) as refused:
+        writer_module._exchange(tmp_path / "a", tmp_path / "b")
+    assert (refused.value.errno, refused.value.filename) == (errno.EACCES, str(tmp_path / "b"))
+
+
+def test_leftover_temporaries_are_the_hidden_siblings_of_every_kind(tmp_path: Path):
+    out = tmp_path / "out[1]"
+    assert leftover_temporaries(tmp_path / "no" / "out") == []
+    for name in (".out[1].tmp-ab", ".out[1].old-cd", ".out[1].staging-ef", ".out[1].other-gh", ".out.tmp-ij", "out[1]"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in leftover_temporaries(out)] == [".out[1].old-cd", ".out[1].staging-ef", ".out[1].tmp-ab"]
