@@ -150,6 +150,17 @@ def test_logits_parity_is_relative_to_the_largest_reference_logit() -> None:
     assert not LogitsParity.of(reference / 100 + 1e-3, reference / 100).passes(1e-4)  # 1e-3 of 1
 
 
+def test_logits_parity_reports_every_figure_and_passes_at_its_bound() -> None:
+    reference = torch.tensor([[[4.0, -8.0, 1.0], [0.0, 2.0, 1.0]]])
+    ours = torch.tensor([[[4.0, -7.0, 1.0], [0.0, 2.0, 3.0]]])  # diffs 1 and 2; the argmax moves in row 2
+    parity = LogitsParity.of(ours, reference)
+    assert (parity.max_abs_diff, parity.mean_abs_diff, parity.scale, parity.relative) == (2.0, 0.5, 8.0, 0.25)
+    assert parity.argmax_agreement == 0.5
+    assert parity.passes(0.25) and not parity.passes(0.2499)
+    zero = LogitsParity.of(torch.zeros(2), torch.zeros(2))
+    assert (zero.relative, zero.passes(0.0)) == (0.0, True)
+
+
 def test_nonfinite_names_side_count_and_first_index() -> None:
     logits = torch.zeros(1, 3, 4)
     assert nonfinite(logits, "Megatron") is None
