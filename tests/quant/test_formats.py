@@ -20,7 +20,13 @@ from safetensors.torch import load_file
 from bridgecore.errors import BridgeError
 from bridgecore.tiny import write_checkpoint
 from bridgecore_quant import numerics
-from bridgecore_quant.formats import exclude_patterns, export_fp8, export_nvfp4, shared_input_groups
+from bridgecore_quant.formats import (
+    exclude_patterns,
+    export_fp8,
+    export_nvfp4,
+    shared_input_groups,
+    unquantized_modules,
+)
 
 H, INTER, E, V = 64, 32, 4, 48
 QUANTIZED = [
@@ -331,3 +337,50 @@ def test_fused_expert_amax_without_expert_weights_is_refused(tmp_path: Path) -> 
     with pytest.raises(BridgeError, match=r"gate_up_proj_weight_quantizers\.0\._amax: .* nor one stacked"):
         export_fp8(tmp_path / "bad", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class _Shapes:
+    """A reader that knows only shapes: all unquantized_modules reads."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.shapes[key]
+
+
+@pytest.mark.parametrize(
+    ("config", "lm_head"),
+    [
+        ({"tie_word_embeddings": True}, True),
+        ({"text_config": {"tie_word_embeddings": True}}, True),  # a VL config keeps it with the text model
+        ({"tie_word_embeddings": False, "text_config": {"tie_word_embeddings": True}}, False),  # the top level wins
+        ({}, False),
+    ],
+    ids=["tied", "tied-in-text-config", "top-level-wins", "untied"],
+)
+def test_unquantized_modules_are_the_other_matmuls_and_a_tied_head(config: dict, lm_head: bool) -> None:
+    shapes = {
+        "model.embed_tokens.weight": (V, H),
+        "model.layers.0.input_layernorm.weight": (H,),  # a norm: no quantizer
+        "model.layers.0.self_attn.q_proj.weight": (H, H),
+        "model.layers.0.self_attn.q_proj.weight_quantizer._amax": (),
+        "model.layers.0.mlp.down_proj.weight": (H, INTER),
+        "model.visual.patch_embed.proj.weight": (8, 3, 2, 2),  # a convolution
+        "model.layers.0.self_attn.q_proj.bias": (H,),
+    }
+    found = unquantized_modules(_Shapes(shapes), list(shapes), ["model.layers.0.self_attn.q_proj"], config)
+    expected = {"model.embed_tokens", "model.layers.0.mlp.down_proj", "model.visual.patch_embed.proj"}
+    assert found == expected | ({"lm_head"} if lm_head else set())
+    # a head with its own tensor is listed as any other matmul, and only when it is not quantized
+    with_head = {**shapes, "lm_head.weight": (V, H)}
+    assert "lm_head" in unquantized_modules(_Shapes(with_head), list(with_head), [], config)
+    assert "lm_head" not in unquantized_modules(_Shapes(with_head), list(with_head), ["lm_head"], config)
+
+
+def test_json_side_files_are_indented_and_end_with_a_newline(calibrated, tmp_path: Path) -> None:
+    src, _ = calibrated
+    out = export_fp8(src, tmp_path / "fp8")
+    for name in ("config.json", "hf_quant_config.json"):
+        text = (out / name).read_text()
+        assert text == json.dumps(json.loads(text), indent=2) + "\n", name
