@@ -70,6 +70,9 @@ def test_language_model_prefixes(resaved: bool) -> None:
     hf = {p.text for m in text for p in m.hf}
     assert "lm_head.weight" in hf
     assert all(h.startswith(hf_prefix) for h in hf - {"lm_head.weight"})
+    # the released layout's names are not under model.language_model. (which also starts with model.)
+    assert all(h.startswith("model.language_model.") is resaved for h in hf - {"lm_head.weight"})
+    assert f"{hf_prefix}embed_tokens.weight" in hf
     assert any(m.megatron.text == "language_model.output_layer.weight" for m in text)  # untied
 
 
