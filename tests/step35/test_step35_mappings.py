@@ -116,3 +116,38 @@ def test_tiny_weights_load_as_stored(tiny_dir: Path) -> None:
     head = params["mtp.layers.1.output_layer.weight"]
     assert torch.equal(head, hf["model.layers.5.transformer.shared_head.output.weight"])
     assert not torch.equal(head, params["output_layer.weight"])
+
+
+def test_each_layer_kind_binds_only_its_own_modules() -> None:
+    """Layers 0-1 are dense, 2-3 MoE: a dense MLP name on a MoE layer (or the reverse) is no param of
+    the model, and must stay unmapped rather than bind to the other kind's tensors."""
+    table = MappingTable(step35_mappings(CONFIG, HF_KEYS))
+    dense = ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    moe = [
+        "mlp.router.weight",
+        "mlp.router.expert_bias",
+        "mlp.experts.local_experts.0.linear_fc1.weight",
+        "mlp.experts.local_experts.0.linear_fc2.weight",
+        "mlp.shared_experts.linear_fc1.weight",
+        "mlp.shared_experts.linear_fc2.weight",
+    ]
+    for name in dense:
+        assert table.find(f"decoder.layers.1.{name}").hf[0].startswith("model.layers.1.mlp.")
+        assert table.find(f"decoder.layers.2.{name}") is None, name
+    for name in moe:
+        assert table.find(f"decoder.layers.2.{name}") is not None, name
+        assert table.find(f"decoder.layers.1.{name}") is None, name
+
+
+def test_config_switches_drop_their_tensors() -> None:
+    """Without the head-wise gate the attention has no g_proj; without MTP layers no mtp.* mapping."""
+    layers = TINY_CONFIG["num_hidden_layers"]
+    # per-layer lists hold the MTP layers' entries after the decoder's
+    per_layer = {k: v[:layers] for k, v in TINY_CONFIG.items() if isinstance(v, list) and len(v) > layers}
+    plain = {**TINY_CONFIG, **per_layer, "use_head_wise_attn_gate": False, "num_nextn_predict_layers": 0}
+    plain = step35_model_config(plain)
+    mappings = step35_mappings(plain, HF_KEYS)
+    qkv = MappingTable(mappings).find("decoder.layers.0.self_attention.linear_qkv.weight").mapping
+    assert isinstance(qkv, FusedQKV) and qkv.gate is None
+    assert qkv.hf_names({"layer": 0})[-1] == "model.layers.0.self_attn.v_proj.weight"
+    assert not [m for m in mappings if m.megatron.text.startswith("mtp.")]
