@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from bridgecore.casting import exact_cast
-from bridgecore.compare import LogitsParity, compare_checkpoints, nonfinite
+from bridgecore.compare import LogitsParity, compare_checkpoints, nonfinite, print_report
 from bridgecore.errors import BridgeError
 from bridgecore.megatron.dcp import MetadataUnpickler
 
@@ -82,6 +82,46 @@ def test_missing_extra_and_config_are_reported(tmp_path: Path) -> None:
         _write(tmp_path / "x", BASE), _write(tmp_path / "y", BASE, config='{"architectures": ["Y"]}')
     )
     assert not changed_config.config_equal and not changed_config.exact
+
+
+def test_every_row_says_what_differs_and_the_report_prints_it(tmp_path: Path, capsys) -> None:
+    changed = {"b": BASE["b"].reshape(3, 2), "c": torch.tensor([0.0, 1.5]), "d": torch.zeros(1)}
+    report = _report(tmp_path, changed, drop=("a",), config='{"architectures": ["Y"]}')
+    # in the source's order (safetensors puts wider dtypes first), then what only the output has
+    rows = [(r.name, r.status, r.detail) for r in report.rows]
+    assert rows == [
+        ("b", "shape", "[2, 3] -> [3, 2]"),
+        ("c", "values", "max abs diff 5.000e-01"),
+        ("a", "missing", "not in the output"),
+        ("d", "extra", "only in the output"),
+    ]
+    print_report(report)
+    assert capsys.readouterr().out.splitlines() == [
+        "  shape    b [2, 3] -> [3, 2]",
+        "  values   c max abs diff 5.000e-01",
+        "  missing  a not in the output",
+        "  extra    d only in the output",
+        "  config.json differs",
+        "roundtrip: 0/4 tensors identical: 4 tensors differ",
+    ]
+    (tmp_path / "dtype").mkdir()
+    dtype = _report(tmp_path / "dtype", {"a": BASE["a"].float()})
+    assert [(r.status, r.detail) for r in dtype.rows if r.name == "a"] == [("dtype", "torch.bfloat16 -> torch.float32")]
+    print_report(dtype, verbose=True)
+    assert capsys.readouterr().out.splitlines() == [
+        "  exact    b ",
+        "  exact    c ",
+        "  dtype    a torch.bfloat16 -> torch.float32",
+        "roundtrip: 2/3 tensors identical: 1 tensors differ",
+    ]
+    # a missing tensor first in the order: the ones after it are still compared
+    (tmp_path / "first").mkdir()
+    first = _report(tmp_path / "first", {"c": torch.tensor([0.0, 2.0])}, drop=("b",))
+    assert _statuses(first) == {"b": "missing", "c": "values", "a": "exact"}
+    (tmp_path / "same").mkdir()
+    same = _report(tmp_path / "same", {})
+    print_report(same)
+    assert capsys.readouterr().out == "roundtrip: 3/3 tensors identical: bit-exact\n"
 
 
 def test_roundtrip_fails_when_the_export_differs(
