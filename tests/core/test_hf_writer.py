@@ -288,7 +288,7 @@ def test_attach_refuses_a_foreign_temp_dir(tmp_path: Path):
 def test_plan_errors(tmp_path: Path):
     with pytest.raises(BridgeError, match="appears twice"):
         ShardedWriter(tmp_path / "out", [("w", (4,), torch.float32), ("w", (4,), torch.float32)])
-    with pytest.raises(BridgeError, match="has no safetensors code"):
+    with pytest.raises(BridgeError, match="^w: .*has no safetensors code"):
         ShardedWriter(tmp_path / "out", [("w", (4,), torch.complex128)])
 
 
@@ -363,3 +363,77 @@ def test_leftover_temporaries_are_the_hidden_siblings_of_every_kind(tmp_path: Pa
     for name in (".out[1].tmp-ab", ".out[1].old-cd", ".out[1].staging-ef", ".out[1].other-gh", ".out.tmp-ij", "out[1]"):
         (tmp_path / name).mkdir()
     assert [p.name for p in leftover_temporaries(out)] == [".out[1].old-cd", ".out[1].staging-ef", ".out[1].tmp-ab"]
+
+
+def test_replacing_an_output_by_two_renames_leaves_nothing_beside_it(tmp_path: Path, monkeypatch):
+    """Where the file system cannot exchange, the old output is moved aside as a hidden `.old-*`
+    sibling (which an interrupted run would leave for the next to name) and removed after the move."""
+    out = tmp_path / "out"
+    _committed(out, 1.0)
+    monkeypatch.setattr(writer_module, "_exchange", lambda a, b: False)
+    aside = []
+    rename = Path.rename
+
+    def watched(self: Path, target: Path) -> Path:
+        if self == out:
+            aside.append(Path(target).name)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", watched)
+    _committed(out, 2.0, overwrite=True)
+    assert len(aside) == 1 and aside[0].startswith(".out.old-")
+    assert _value(out) == 2.0 and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.ENOTEMPTY, "appeared while this run was writing; pass --overwrite to replace it"),
+        (errno.EEXIST, "appeared while this run was writing; pass --overwrite to replace it"),
+        (errno.ENOENT, "could not move the finished checkpoint into place (No such file or directory)"),
+    ],
+)
+def test_a_failed_move_to_a_new_output_says_why(tmp_path: Path, monkeypatch, code: int, expected: str):
+    out = tmp_path / "out"
+    writer = _write_all(out, {"w": torch.ones(4)})
+    monkeypatch.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+    with pytest.raises(BridgeError) as failed:
+        writer.commit([writer.written()])
+    assert str(failed.value) == f"{out}: {expected}"
+
+
+def test_coverage_errors_show_ten_problems_and_count_the_rest(tmp_path: Path):
+    plan = [(f"w{i:02d}", (1,), torch.float32) for i in range(12)]
+    writer = ShardedWriter(tmp_path / "out", plan)
+    writer.create()
+    shown = "; ".join(f"w{i:02d} not written" for i in range(10))
+    with pytest.raises(BridgeError) as failed:
+        writer.commit([[]])
+    assert str(failed.value) == (
+        f"{tmp_path / 'out'}: not committed, expected every planned tensor written once: {shown}; and 2 more"
+    )
+    with pytest.raises(BridgeError) as failed:
+        writer.commit([[(f"w{i:02d}", None) for i in range(2, 12)]])
+    assert str(failed.value).endswith("written once: w00 not written; w01 not written")
+    with pytest.raises(BridgeError, match=r"written once: w00\[3\] written 2 times"):
+        writer.commit([[("w00", 3), ("w00", 3)] + [(f"w{i:02d}", None) for i in range(1, 12)]])
+
+
+def test_a_shard_holds_tensors_up_to_exactly_its_size(tmp_path: Path):
+    tensors = {"b": torch.ones(2), "a": torch.zeros(2), "c": torch.ones(1)}  # 8, 8 and 4 bytes
+    writer = _write_all(tmp_path / "out", tensors, max_shard_size=16)
+    writer.commit([writer.written()])
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    assert index["weight_map"] == {"b": first, "a": first, "c": second}
+    # the index is written as transformers writes it; within a file, tensors are in save_file's order
+    text = (tmp_path / "out" / "model.safetensors.index.json").read_text()
+    assert text == json.dumps(index, indent=2) + "\n"
+    save_file({"b": tensors["b"], "a": tensors["a"]}, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "out" / first).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_parse_size_takes_one_byte_and_refuses_a_bool():
+    assert parse_size(1) == 1 and parse_size("1B") == 1
+    with pytest.raises(BridgeError, match="shard size True is not understood"):
+        parse_size(True)
