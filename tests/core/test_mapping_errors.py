@@ -16,6 +16,7 @@ from bridgecore.mapping import (
     Concat,
     FusedQKV,
     GatedMLP,
+    HFPiece,
     PackedGatedMLP,
     RowParallel,
     Segment,
@@ -24,6 +25,7 @@ from bridgecore.mapping import (
     Stacked,
     TensorSource,
 )
+from bridgecore.mapping.types import Wrapper
 
 #: TP1: the one rank holds the whole param
 WHOLE = Shard()
@@ -212,3 +214,34 @@ def test_stacked_refusals() -> None:
     assert message == "h: stacked expert tensor has shape [3, 2], expected 4 experts along dim 0 as the config says"
     piece = stacked.to_hf([tensors["h"][3]], {"expert": 3})[0]
     assert (piece.name, piece.expert, piece.num_experts, piece.full_shape) == ("h", 3, 4, (4, 2, 2))
+
+
+class _Negated(Wrapper):
+    """A wrapper that changes import only: everything else passes through to the inner mapping."""
+
+    def to_megatron(self, source, captures, shard):
+        return -self.inner.to_megatron(source, captures, shard)
+
+
+class _Needy(ColumnParallel):
+    def needs(self, captures: dict[str, int]) -> list[str]:
+        return [f"other.{captures['layer']}"]
+
+    def to_hf(self, shards, captures, given):
+        return [HFPiece(self.hf_names(captures)[0], torch.cat(shards) + given[0])]
+
+
+def test_a_wrapper_passes_through_what_its_subclass_does_not_change() -> None:
+    inner = _Needy("l.{layer}.w", "h.{layer}.w", layers=[1])
+    wrapped = _Negated(inner)
+    assert (wrapped.megatron, wrapped.hf, wrapped.layers, wrapped.partition_dim) == (
+        inner.megatron,
+        inner.hf,
+        inner.layers,
+        0,
+    )
+    assert wrapped.match("l.1.w") == {"layer": 1} and wrapped.match("l.2.w") is None
+    assert wrapped.needs({"layer": 1}) == ["other.1"]
+    assert torch.equal(imported(wrapped, {"h.1.w": rows(2)}, captures={"layer": 1}), -rows(2))
+    (piece,) = wrapped.to_hf([rows(1), rows(1)], {"layer": 1}, torch.ones(1, 2))
+    assert piece.name == "h.1.w" and torch.equal(piece.tensor, torch.cat([rows(1), rows(1)]) + 1)
