@@ -12,6 +12,7 @@ import torch
 
 from bridgecore.errors import BridgeError
 from bridgecore.mapping import (
+    Broadcast,
     ColumnParallel,
     Concat,
     FusedQKV,
@@ -22,6 +23,7 @@ from bridgecore.mapping import (
     Segment,
     Segmented,
     Shard,
+    Shifted,
     Stacked,
     TensorSource,
 )
@@ -245,3 +247,16 @@ def test_a_wrapper_passes_through_what_its_subclass_does_not_change() -> None:
     assert torch.equal(imported(wrapped, {"h.1.w": rows(2)}, captures={"layer": 1}), -rows(2))
     (piece,) = wrapped.to_hf([rows(1), rows(1)], {"layer": 1}, torch.ones(1, 2))
     assert piece.name == "h.1.w" and torch.equal(piece.tensor, torch.cat([rows(1), rows(1)]) + 1)
+
+
+def test_the_core_wrappers_hand_what_export_needs_to_their_inner_mapping() -> None:
+    given = torch.ones(1, 2)
+    shifted = Shifted(_Needy("l.{layer}.w", "h.{layer}.w"), 1.0)
+    (piece,) = shifted.to_hf([rows(1)], {"layer": 0}, given)
+    assert torch.equal(piece.tensor, rows(1) - 1 + 1)
+    broadcast = Broadcast(_Needy("l.{layer}.e.{expert}.w", "h.{layer}.w"))
+    (piece,) = broadcast.to_hf([rows(1)], {"layer": 0, "expert": 2}, given)
+    assert torch.equal(piece.tensor, rows(1) + 1) and piece.copy == ("expert", 2)
+    stacked = Stacked(_Needy("l.{layer}.e.{expert}.w", "h.{layer}.w"), 4)
+    (piece,) = stacked.to_hf([rows(1)], {"layer": 0, "expert": 2}, given)
+    assert torch.equal(piece.tensor, rows(1) + 1) and (piece.expert, piece.num_experts) == (2, 4)

@@ -159,3 +159,31 @@ def test_expert_storage_detection() -> None:
     assert experts_packed([], "model.layers.")  # export without a source: transformers' packed form
     with pytest.raises(BridgeError, match="both packed"):
         experts_packed(per_expert + ["model.layers.1.mlp.experts.gate_up_proj"], "model.layers.")
+
+
+def test_each_layer_kind_binds_only_its_own_modules(dense) -> None:
+    """Layers 0-2 are GDN, layer 3 full attention: an attention name on a GDN layer (or the reverse)
+    is no param of the model, and must stay unmapped rather than bind to the other kind's tensors."""
+    _, table, _ = dense
+    attention = [
+        "linear_qkv.layer_norm_weight",
+        "linear_qkv.weight",
+        "q_layernorm.weight",
+        "k_layernorm.weight",
+        "linear_proj.weight",
+    ]
+    gdn = [
+        "in_proj.layer_norm_weight",
+        "in_proj.weight",
+        "conv1d.weight",
+        "A_log",
+        "dt_bias",
+        "out_norm.weight",
+        "out_proj.weight",
+    ]
+    for name in attention:
+        assert _binding(table, f"decoder.layers.3.self_attention.{name}").hf[0].startswith("model.layers.3.")
+        assert table.find(f"decoder.layers.2.self_attention.{name}") is None, name
+    for name in gdn:
+        assert _binding(table, f"decoder.layers.2.self_attention.{name}").hf[0].startswith("model.layers.2.")
+        assert table.find(f"decoder.layers.3.self_attention.{name}") is None, name
