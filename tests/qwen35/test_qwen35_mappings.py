@@ -187,3 +187,14 @@ def test_each_layer_kind_binds_only_its_own_modules(dense) -> None:
     for name in gdn:
         assert _binding(table, f"decoder.layers.2.self_attention.{name}").hf[0].startswith("model.layers.2.")
         assert table.find(f"decoder.layers.3.self_attention.{name}") is None, name
+
+
+def test_experts_in_both_forms_are_refused() -> None:
+    keys = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.0.gate_proj.weight"]
+    with pytest.raises(BridgeError) as refused:
+        experts_packed(keys, "model.layers.")
+    assert str(refused.value) == (
+        "checkpoint stores the experts under model.layers.* both packed (experts.gate_up_proj)"
+        " and per expert (experts.N.gate_proj.weight); expected one form"
+    )
+    assert experts_packed([], "mtp.layers.") and not experts_packed(keys[1:], "model.layers.")

@@ -151,3 +151,26 @@ def test_config_switches_drop_their_tensors() -> None:
     assert isinstance(qkv, FusedQKV) and qkv.gate is None
     assert qkv.hf_names({"layer": 0})[-1] == "model.layers.0.self_attn.v_proj.weight"
     assert not [m for m in mappings if m.megatron.text.startswith("mtp.")]
+
+
+def test_each_mtp_layer_has_the_attention_of_its_own_type() -> None:
+    """Step-3.5-Flash's MTP layers 45-47 are full, sliding, sliding: each one's attention shape is
+    its own type's, whatever the decoder layer next to it has."""
+    config = step35_model_config(RELEASED)
+    table = MappingTable(step35_mappings(config, frozenset()))
+
+    def heads(name: str) -> int:
+        return table.find(f"{name}.self_attention.linear_qkv.weight").mapping.heads
+
+    n, types = config.num_layers, config.layer_types
+    assert heads(f"decoder.layers.{types.index('full_attention')}") != heads(
+        f"decoder.layers.{types.index('sliding_attention')}"
+    )
+    for j in range(config.mtp_num_layers):
+        same_type = types.index(types[n + j])
+        assert heads(f"mtp.layers.{j}.transformer_layer") == heads(f"decoder.layers.{same_type}"), j
+
+
+def test_a_given_hf_prefix_is_used_as_given() -> None:
+    table = MappingTable(step35_mappings(CONFIG, HF_KEYS, hf_prefix="other."))
+    assert table.find("embedding.word_embeddings.weight").hf == ["other.embed_tokens.weight"]
