@@ -3,6 +3,9 @@ import errno
 import json
 import multiprocessing
 import os
+import re
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -437,3 +440,70 @@ def test_parse_size_takes_one_byte_and_refuses_a_bool():
     assert parse_size(1) == 1 and parse_size("1B") == 1
     with pytest.raises(BridgeError, match="shard size True is not understood"):
         parse_size(True)
+
+
+def test_a_tensor_is_written_in_pieces_when_larger_than_one_write(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(writer_module, "_MAX_WRITE", 3)  # 16 bytes in writes of 3
+    tensors = {"w": torch.arange(4.0)}
+    writer = _write_all(tmp_path / "out", tensors)
+    writer.commit([writer.written()])
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_write_names_the_slab_it_refuses_and_needs_a_temp_dir(tmp_path: Path):
+    out = tmp_path / "deep" / "er" / "out"  # parents are made
+    writer = ShardedWriter(out, [("s", (2, 3), torch.float32)])
+    writer.create()
+    with pytest.raises(BridgeError) as refused:
+        writer.write("s", torch.zeros(2), expert=1)
+    assert str(refused.value).startswith("s[1]: got torch.float32 [2], expected")
+    with pytest.raises(BridgeError) as refused:
+        writer.write("s", torch.zeros(3))
+    assert str(refused.value).startswith("s: got torch.float32 [3], expected")
+    writer.abort()
+    with pytest.raises(BridgeError) as refused:
+        writer.write("s", torch.zeros(2, 3))
+    assert str(refused.value) == f"{out}: writer has no temporary directory; expected create() or attach() first"
+
+
+def test_a_source_layout_of_one_named_file_is_still_indexed(tmp_path: Path):
+    plan = [("w", (2,), torch.float32)]
+    writer = ShardedWriter(tmp_path / "out", plan, files={"w": "model-00001-of-00001.safetensors"})
+    writer.create()
+    writer.write("w", torch.ones(2))
+    writer.commit([writer.written()])
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"w": "model-00001-of-00001.safetensors"}
+
+
+def test_targets_and_temporary_names(tmp_path: Path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    (tmp_path / "file").write_text("")
+    for name in ("link", "file"):
+        with pytest.raises(BridgeError) as refused:
+            check_target(tmp_path / name, overwrite=True)
+        assert str(refused.value) == (
+            f"{tmp_path / name}: exists and is not a directory; expected a new or existing output directory"
+        )
+    sibling = writer_module.temporary_sibling(tmp_path / "out", "tmp")
+    assert sibling.parent == tmp_path and re.fullmatch(r"\.out\.tmp-[0-9a-f]{8}", sibling.name)
+
+
+def test_a_temporary_is_removed_with_sigint_and_sigterm_held(tmp_path: Path, monkeypatch):
+    """Held on the main thread while it goes (then delivered); a missing one is no error."""
+    held = []
+    rmtree = shutil.rmtree
+
+    def watched(path, ignore_errors=False):
+        held.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", watched)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    (tmp_path / "t" / "x").mkdir(parents=True)
+    writer_module.remove_temporary(tmp_path / "t")
+    writer_module.remove_temporary(tmp_path / "missing")
+    assert not (tmp_path / "t").exists() and signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in held) and len(held) == 2
