@@ -6,6 +6,7 @@
     python3 -m nox -s demo            the main job: every family's tiny model, import -> export -> check
     python3 -m nox -s tests           the default test run (what .ci/run calls), the wheel check included
     python3 -m nox -s wheels          the wheel check alone: build, install by name, run, check metadata
+    python3 -m nox -s mutants         mutation testing: kill rate per module, its floor, the survivors
     python3 -m nox -l                 every session, the megatron-core 0.19 row included
 
 How the sessions install:
@@ -39,6 +40,7 @@ Pins, and why:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -255,3 +257,140 @@ def bench(session: nox.Session) -> None:
     local = ["./core", "./tests/example_plugin", "./plugins/step35"]
     session.install(*FIND_LINKS, "-c", ROW_016, *local, "psutil", "matplotlib==3.10.3")
     session.run("python", "bench/bench_convert.py", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+#: `nox -s mutants`: mutation testing with mutmut (pinned: its mutant names, which tests/mutants.toml
+#: lists, change between releases). What it mutates: the mapping engine, the checkpoint comparison,
+#: the HF writer, the quant formats and the plugins' mappings. Each distribution's package is copied
+#: side by side into one src/ folder, the layout mutmut imports from.
+MUTMUT = "mutmut==3.8.1"
+MUTATED = [
+    "src/bridgecore/mapping/*",
+    "src/bridgecore/compare.py",
+    "src/bridgecore/hf/writer.py",
+    "src/bridgecore_quant/formats.py",
+    "src/bridgecore_step35/mappings.py",
+    "src/bridgecore_step37/mappings.py",
+    "src/bridgecore_qwen35/mappings.py",
+]
+#: The in-process tests of those modules. mutmut runs, for each mutant, the tests that called the
+#: function it changed; tests that convert in child processes cannot see a mutant, and are left out.
+MUTANT_TESTS = [
+    "tests/core/test_mapping_layouts.py",
+    "tests/core/test_mapping_properties.py",
+    "tests/core/test_mapping_errors.py",
+    "tests/core/test_mapping_table.py",
+    "tests/core/test_verifiers_reject.py",
+    "tests/core/test_hf_writer.py",
+    "tests/core/test_mtp.py",
+    "tests/quant/test_formats.py",
+    "tests/quant/test_format_refusals.py",
+    "tests/quant/test_format_spec.py",
+    "tests/quant/test_amax_mappings.py",
+    "tests/quant/test_fused_experts.py",
+    "tests/quant/test_recalibrated.py::test_in_memory_export_of_a_recalibrated_model",
+    "tests/step35/test_step35_mappings.py",
+    "tests/step37/test_step37_mappings.py",
+    "tests/qwen35/test_qwen35_mappings.py",
+]
+PLUGIN_NAMES = ("step35", "step37", "qwen35", "quant")
+#: In process but slow under mutmut's call tracing (49 s where it takes 12 s): it would run for every
+#: mutant the quick tests let through.
+MUTANT_DESELECT = [
+    "--deselect",
+    "tests/step35/test_step35_mappings.py::test_released_model_exports_the_released_layout",
+]
+#: The floor: every module keeps at least this share of its mutants killed (equivalents left out).
+KILL_FLOOR = 0.90
+
+
+def mutmut_config() -> str:
+    listed = lambda items: "[" + ", ".join(f'"{x}"' for x in items) + "]"  # noqa: E731
+    return "\n".join(
+        [
+            "[tool.mutmut]",
+            'source_paths = ["src"]',
+            f"only_mutate = {listed(MUTATED)}",
+            f"pytest_add_cli_args_test_selection = {listed(MUTANT_TESTS)}",
+            f"pytest_add_cli_args = {listed(['-p', 'no:cacheprovider', '-m', 'not slow', *MUTANT_DESELECT])}",
+            # torch is not fork-safe once it has run: each mutant forks from a server that never ran a test
+            'process_isolation = "forkserver"',
+            "",
+        ]
+    )
+
+
+def kill_rates(results: str, equivalent: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The table of kill rates per module from `mutmut results --all true`, and what fails the session:
+    modules under the floor, and listed equivalents that no longer exist (their function changed)."""
+    status = {}
+    for line in results.splitlines():
+        name, sep, state = line.strip().rpartition(": ")
+        if sep and "__mutmut_" in name:
+            status[name] = state
+    per_module: dict[str, list[int]] = {}
+    survivors = []
+    for name, state in sorted(status.items()):
+        # bridgecore.mapping.types.xǁFusedQKVǁhf_sizes__mutmut_3: module, then x + class and function
+        module = re.sub(r"\.x[_ǁ].*", "", name)
+        counts = per_module.setdefault(module, [0, 0, 0])  # killed, counted, equivalent
+        if name in equivalent:
+            counts[2] += 1
+            continue
+        counts[1] += 1
+        # a mutant that hangs a test or crashes the interpreter was seen as well as one that fails it
+        if state in ("killed", "timeout", "segfault"):
+            counts[0] += 1
+        else:
+            survivors.append(f"  {name}: {state}")
+    table, failures = [], []
+    for module, (killed, counted, same) in sorted(per_module.items()):
+        rate = killed / counted if counted else 1.0
+        table.append(f"  {module:<40} {killed:>5}/{counted:<5} {rate:7.1%}  ({same} equivalent)")
+        if rate < KILL_FLOOR:
+            failures.append(f"{module}: {rate:.1%} of its mutants killed, under the {KILL_FLOOR:.0%} floor")
+    stale = sorted(equivalent.keys() - status)
+    failures += [f"tests/mutants.toml lists {name}, which mutmut no longer makes" for name in stale]
+    return table + (["survivors:", *survivors] if survivors else []), failures
+
+
+@nox.session(python=PY311)
+def mutants(session: nox.Session) -> None:
+    """Mutation testing (not in the default run; about an hour on 2 cores): the kill rate per module,
+    the survivors, and a failure where a module is under KILL_FLOOR. tests/mutants.toml lists the
+    equivalent mutants, each with a reason.
+
+    `-- --again` keeps the last run's results and tests again only what tests added since can change:
+    the mutants of functions changed since, and the last run's survivors (tests are only ever added or
+    made stricter, so a killed mutant stays killed). `-- NAME...` reruns those mutants (mutmut's glob
+    patterns) on top of the last run."""
+    import tomllib
+
+    again = session.posargs == ["--again"]
+    # Installed, not editable: the tests import the mutated copies, which come first on sys.path.
+    local = ["./core", "./tests/example_plugin", *(f"./plugins/{p}[verify]" for p in PLUGIN_NAMES)]
+    session.install(*FIND_LINKS, "-c", ROW_016, *local, *TEST_TOOLS, MUTMUT)
+    work = Path(session.create_tmp()) / "mutmut"
+    if not session.posargs:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "src").mkdir(parents=True, exist_ok=True)
+    for package in ["core/src/bridgecore", *(f"plugins/{p}/src/bridgecore_{p}" for p in PLUGIN_NAMES)]:
+        shutil.copytree(package, work / "src" / Path(package).name, dirs_exist_ok=True)
+    shutil.copytree("tests", work / "tests", dirs_exist_ok=True)
+    (work / "pyproject.toml").write_text(mutmut_config())
+    equivalent = tomllib.loads(Path("tests/mutants.toml").read_text())["equivalent"]
+    env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "HYPOTHESIS_PROFILE": "mutants"}
+    with session.chdir(work):
+        if again:
+            last = session.run("mutmut", "results", env=env, silent=True) or ""
+            survivors = [line.strip().rpartition(": ")[0] for line in last.splitlines() if "__mutmut_" in line]
+            session.run("mutmut", "run", env=env)  # mutmut tests the mutants without a result: changed code
+            if survivors:
+                session.run("mutmut", "run", *survivors, env=env)
+        else:
+            session.run("mutmut", "run", *session.posargs, env=env)
+        results = session.run("mutmut", "results", "--all", "true", env=env, silent=True)
+    table, failures = kill_rates(results or "", equivalent)
+    print("\n".join(["killed/counted per module:", *table]))
+    if failures:
+        session.error("; ".join(failures))

@@ -6,12 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 # The default run draws the same examples every time, so a property failure in CI is a defect anyone can
 # reproduce, never a lucky draw; HYPOTHESIS_PROFILE=explore searches afresh (use it when hunting).
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
+# `nox -s mutants`: a mutant a property test catches fails at once; shrinking its example (seconds to
+# minutes each, for hundreds of mutants) would only make the report prettier.
+settings.register_profile("mutants", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
