@@ -6,6 +6,7 @@ the tensor and what was expected.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from bridgecore.errors import BridgeError
 from bridgecore.tiny import write_checkpoint
-from bridgecore_quant.formats import export
+from bridgecore_quant.formats import exclude_patterns, export, export_fp8, export_nvfp4, shared_input_groups
 
 H, INTER, E = 32, 32, 4
 Q = "model.layers.0.self_attn.q_proj"
@@ -146,3 +147,60 @@ def test_a_stacked_weight_takes_one_amax_per_expert_or_one_for_all(tmp_path: Pat
         tensors[f"{module}.weight_quantizer._amax"] = torch.ones(good)
         write_checkpoint(tmp_path / f"ok{i}", {"architectures": ["LlamaForCausalLM"]}, tensors)
         export("fp8", tmp_path / f"ok{i}", tmp_path / f"ok{i}-out")
+
+
+def test_export_refuses_an_unknown_format_and_an_existing_output(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_checkpoint(src, {"architectures": ["LlamaForCausalLM"]}, calibrated())
+    with pytest.raises(BridgeError) as refused:
+        export("int4", src, tmp_path / "out")
+    assert str(refused.value) == "--quant int4: unknown format; this plugin writes fp8, nvfp4"
+    for write in (export_fp8, export_nvfp4):
+        out = tmp_path / write.__name__
+        out.mkdir()
+        with pytest.raises(BridgeError, match="already exists"):
+            write(src, out)
+        write(src, out, overwrite=True)  # replaced whole
+        assert (out / "hf_quant_config.json").is_file()
+        config = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+        assert config["kv_cache_quant_algo"] is None  # no k/v bmm amax in the source
+    write_checkpoint(tmp_path / "plain", {"architectures": ["LlamaForCausalLM"]}, {"w.weight": torch.ones(2, 2)})
+    with pytest.raises(BridgeError) as refused:
+        export_fp8(tmp_path / "plain", tmp_path / "plain-out")
+    assert str(refused.value) == (
+        f"{tmp_path / 'plain'}: no tensor ends in .weight_quantizer._amax;"
+        " export a calibrated model (with quantizer state) first"
+    )
+
+
+def test_export_takes_the_shard_size(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_checkpoint(src, {"architectures": ["LlamaForCausalLM"]}, calibrated())
+    for write in (export_fp8, export_nvfp4):
+        out = write(src, tmp_path / write.__name__, max_shard_size=1024)
+        assert len(list(out.glob("model-*.safetensors"))) > 1
+
+
+def test_shared_input_groups_are_siblings_reading_one_input() -> None:
+    modules = [
+        "l.mlp.down_proj",
+        "l.mlp.extra_proj",
+        "l.mlp.gate_proj",
+        "l.mlp.up_proj",
+        "l.self_attn.k_proj",
+        "l.self_attn.o_proj",
+        "l.self_attn.q_proj",
+        "m.mlp.gate_proj",
+    ]
+    assert shared_input_groups(modules) == [
+        ["l.mlp.down_proj"],
+        ["l.mlp.extra_proj"],
+        ["l.mlp.gate_proj", "l.mlp.up_proj"],
+        ["l.self_attn.k_proj", "l.self_attn.q_proj"],
+        ["l.self_attn.o_proj"],
+        ["m.mlp.gate_proj"],
+    ]
+
+
+def test_a_module_under_a_quantized_one_is_excluded_by_its_own_name() -> None:
+    assert exclude_patterns({"a.b.c"}, ["a.b"]) == ["a.b.c"]
