@@ -507,3 +507,17 @@ def test_a_temporary_is_removed_with_sigint_and_sigterm_held(tmp_path: Path, mon
     writer_module.remove_temporary(tmp_path / "missing")
     assert not (tmp_path / "t").exists() and signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
     assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in held) and len(held) == 2
+
+
+def test_exchange_takes_paths_relative_to_the_working_directory(tmp_path: Path, monkeypatch):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert writer_module._exchange(Path("a"), Path("b"))
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["x"]
+
+
+def test_a_source_layout_refuses_a_name_twice(tmp_path: Path):
+    plan = [("w", (2,), torch.float32), ("w", (2,), torch.float32)]
+    with pytest.raises(BridgeError, match="^w: appears twice in the export plan"):
+        ShardedWriter(tmp_path / "out", plan, files={"w": "model.safetensors"})
