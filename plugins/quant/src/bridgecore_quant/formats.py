@@ -70,10 +70,10 @@ class _Amax:
         return ((len(self.weight), *weight), (len(self.weight), *inputs)) if self.per_expert else (weight, inputs)
 
     def read(self, reader: CheckpointReader) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = reader.read(self.input)
+        inputs = reader.read(self.input, ())
         if not self.per_expert:
-            return reader.read(self.weight[0]), inputs
-        weight = torch.stack([reader.read(name) for name in self.weight])
+            return reader.read(self.weight[0], ()), inputs
+        weight = torch.stack([reader.read(name, ()) for name in self.weight])
         return weight, inputs.expand(len(self.weight), *inputs.shape).clone()
 
 
@@ -90,7 +90,7 @@ def _check_amax(name: str, amax: torch.Tensor, weight_shape: tuple[int, ...]) ->
 
 
 def _fp8(reader: CheckpointReader, module: str, amax: torch.Tensor, input_amax: torch.Tensor) -> Tensors:
-    q, scale = numerics.fp8_quantize(reader.read(f"{module}.weight"), amax)
+    q, scale = numerics.fp8_quantize(reader.read(f"{module}.weight", ()), amax)
     yield f"{module}.weight", q
     yield f"{module}.weight_scale", scale
     yield f"{module}.input_scale", input_amax.float() / numerics.E4M3_MAX
@@ -103,7 +103,7 @@ def _fp8_plan(module: str, weight: tuple[int, ...], amax: tuple[int, ...], input
 
 
 def _nvfp4(reader: CheckpointReader, module: str, amax: torch.Tensor, input_amax: torch.Tensor) -> Tensors:
-    packed, block_scale, scale_2 = numerics.nvfp4_quantize(reader.read(f"{module}.weight"), amax)
+    packed, block_scale, scale_2 = numerics.nvfp4_quantize(reader.read(f"{module}.weight", ()), amax)
     yield f"{module}.weight", packed
     yield f"{module}.weight_scale", block_scale
     yield f"{module}.weight_scale_2", scale_2
@@ -273,11 +273,11 @@ def _converted(reader: CheckpointReader, keys: list[str], fmt: str, quantized: d
         if _is_quantizer_state(key):
             scale = _kv_scale(key)
             if scale is not None:
-                yield scale, reader.read(key).float() / numerics.E4M3_MAX
+                yield scale, reader.read(key, ()).float() / numerics.E4M3_MAX
         elif key.endswith(".weight") and module_of(key) in quantized:
             yield from _QUANTIZERS[fmt](reader, module_of(key), *amax[module_of(key)])
         else:
-            yield key, reader.read(key)
+            yield key, reader.read(key, ())
 
 
 def unquantized_modules(
