@@ -161,10 +161,13 @@ def test_expert_storage_detection() -> None:
         experts_packed(per_expert + ["model.layers.1.mlp.experts.gate_up_proj"], "model.layers.")
 
 
-def test_each_layer_kind_binds_only_its_own_modules(dense) -> None:
+def test_attention_and_gdn_names_bind_only_on_their_own_layers(checkpoints: dict[str, Path]) -> None:
     """Layers 0-2 are GDN, layer 3 full attention: an attention name on a GDN layer (or the reverse)
-    is no param of the model, and must stay unmapped rather than bind to the other kind's tensors."""
-    _, table, _ = dense
+    is no param of the model, and must stay unmapped rather than bind to the other kind's tensors.
+    (The table is built here, not taken from the module's fixture, so mutation testing sees this test
+    call the mappings.)"""
+    config = plugin.provider_config(hf_config=read_config(checkpoints["dense"]))
+    table = MappingTable(plugin.mapping_list(config=config, hf_keys=frozenset(read_tensors(checkpoints["dense"]))))
     attention = [
         "linear_qkv.layer_norm_weight",
         "linear_qkv.weight",
