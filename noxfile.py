@@ -320,26 +320,36 @@ def mutmut_config() -> str:
     )
 
 
-def kill_rates(results: str, equivalent: dict[str, str]) -> tuple[list[str], list[str]]:
-    """The table of kill rates per module from `mutmut results --all true`, and what fails the session:
-    modules under the floor, and listed equivalents that no longer exist (their function changed)."""
-    status = {}
+KILLED = ("killed", "timeout", "segfault")
+
+
+def mutant_states(results: str) -> dict[str, str]:
+    """mutant -> its state, from `mutmut results --all true`."""
+    states = {}
     for line in results.splitlines():
         name, sep, state = line.strip().rpartition(": ")
         if sep and "__mutmut_" in name:
-            status[name] = state
+            states[name] = state
+    return states
+
+
+def kill_rates(status: dict[str, str], equivalent: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The table of kill rates per module, and what fails the session: modules under the floor, and
+    listed equivalents that a test kills or that mutmut no longer makes (their function changed)."""
     per_module: dict[str, list[int]] = {}
-    survivors = []
+    survivors, killed_equivalents = [], []
     for name, state in sorted(status.items()):
         # bridgecore.mapping.types.xǁFusedQKVǁhf_sizes__mutmut_3: module, then x + class and function
         module = re.sub(r"\.x[_ǁ].*", "", name)
         counts = per_module.setdefault(module, [0, 0, 0])  # killed, counted, equivalent
         if name in equivalent:
             counts[2] += 1
+            if state in KILLED:
+                killed_equivalents.append(name)
             continue
         counts[1] += 1
         # a mutant that hangs a test or crashes the interpreter was seen as well as one that fails it
-        if state in ("killed", "timeout", "segfault"):
+        if state in KILLED:
             counts[0] += 1
         else:
             survivors.append(f"  {name}: {state}")
@@ -349,6 +359,7 @@ def kill_rates(results: str, equivalent: dict[str, str]) -> tuple[list[str], lis
         table.append(f"  {module:<40} {killed:>5}/{counted:<5} {rate:7.1%}  ({same} equivalent)")
         if rate < KILL_FLOOR:
             failures.append(f"{module}: {rate:.1%} of its mutants killed, under the {KILL_FLOOR:.0%} floor")
+    failures += [f"tests/mutants.toml lists {name} as equivalent, but a test kills it" for name in killed_equivalents]
     stale = sorted(equivalent.keys() - status)
     failures += [f"tests/mutants.toml lists {name}, which mutmut no longer makes" for name in stale]
     return table + (["survivors:", *survivors] if survivors else []), failures
@@ -360,10 +371,9 @@ def mutants(session: nox.Session) -> None:
     the survivors, and a failure where a module is under KILL_FLOOR. tests/mutants.toml lists the
     equivalent mutants, each with a reason.
 
-    `-- --again` keeps the last run's results and tests again only what tests added since can change:
-    the mutants of functions changed since, and the last run's survivors (tests are only ever added or
-    made stricter, so a killed mutant stays killed). `-- NAME...` reruns those mutants (mutmut's glob
-    patterns) on top of the last run."""
+    `-- --again` tests the last run's survivors again, for tests added since on the same code, and
+    counts the rest as the last run left them (a mutant a test killed stays killed when tests are only
+    added or made stricter). `-- NAME...` runs those mutants (mutmut's glob patterns) alone."""
     import tomllib
 
     again = session.posargs == ["--again"]
@@ -382,15 +392,13 @@ def mutants(session: nox.Session) -> None:
     env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "HYPOTHESIS_PROFILE": "mutants"}
     with session.chdir(work):
         if again:
-            last = session.run("mutmut", "results", env=env, silent=True) or ""
-            survivors = [line.strip().rpartition(": ")[0] for line in last.splitlines() if "__mutmut_" in line]
-            session.run("mutmut", "run", env=env)  # mutmut tests the mutants without a result: changed code
-            if survivors:
-                session.run("mutmut", "run", *survivors, env=env)
+            last = mutant_states(session.run("mutmut", "results", "--all", "true", env=env, silent=True) or "")
+            session.run("mutmut", "run", *(name for name, state in last.items() if state not in KILLED), env=env)
         else:
             session.run("mutmut", "run", *session.posargs, env=env)
-        results = session.run("mutmut", "results", "--all", "true", env=env, silent=True)
-    table, failures = kill_rates(results or "", equivalent)
+        now = mutant_states(session.run("mutmut", "results", "--all", "true", env=env, silent=True) or "")
+    status = {**last, **{name: state for name, state in now.items() if state != "not checked"}} if again else now
+    table, failures = kill_rates(status, equivalent)
     print("\n".join(["killed/counted per module:", *table]))
     if failures:
         session.error("; ".join(failures))
