@@ -39,6 +39,7 @@ Pins, and why:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -121,6 +122,8 @@ PLUGINS = {
 }
 #: What the wheel check builds (core and each plugin) and installs by name (the four plugins).
 DISTRIBUTIONS = ["core", "plugins/step35", "plugins/step37", "plugins/qwen35", "plugins/quant"]
+#: The plugins' names, as their folders under plugins/ and their packages' suffix (bridgecore_<name>).
+PLUGIN_NAMES = tuple(Path(d).name for d in DISTRIBUTIONS if d != "core")
 USER_INSTALL = ["bridgecore-step35", "bridgecore-step37", "bridgecore-qwen35", "bridgecore-quant"]
 
 
@@ -293,7 +296,6 @@ MUTANT_TESTS = [
     "tests/step37/test_step37_mappings.py",
     "tests/qwen35/test_qwen35_mappings.py",
 ]
-PLUGIN_NAMES = ("step35", "step37", "qwen35", "quant")
 #: In process but slow under mutmut's call tracing (49 s where it takes 12 s): it would run for every
 #: mutant the quick tests let through.
 MUTANT_DESELECT = [
@@ -305,7 +307,7 @@ KILL_FLOOR = 0.90
 
 
 def mutmut_config() -> str:
-    listed = lambda items: "[" + ", ".join(f'"{x}"' for x in items) + "]"  # noqa: E731
+    listed = json.dumps  # a JSON list of plain strings is a TOML array
     return "\n".join(
         [
             "[tool.mutmut]",
