@@ -43,13 +43,12 @@ from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import ShardedWriter, check_target, parse_size
 from bridgecore.mapping import Binding, Copies
 from bridgecore.megatron import checkpoint, parallel, training
-from bridgecore.megatron.compat import cpu_compat
+from bridgecore.megatron.chunks import main_chunks, simulated_rank
 from bridgecore.megatron.dcp import COMMON_FILE, COMMON_STATE, RELEASE, Region, SavedChunks, common_in_shards
-from bridgecore.megatron.extra_state import add_extra_states
 from bridgecore.megatron.parallel import Layout
 from bridgecore.megatron.params import LocalTensor, local_tensors
 from bridgecore.megatron.save import file_writer
-from bridgecore.megatron.state import exact_storage, sharded_state_dict, state_key
+from bridgecore.megatron.state import exact_storage
 from bridgecore.plan.bridge import Bridge
 from bridgecore.progress import Progress, track
 
@@ -73,70 +72,6 @@ def _require_no_process_group(what: str) -> None:
             f"{what} plans the conversion with a process group of its own before it joins torchrun's;"
             " call it in a process that has not joined a process group yet"
         )
-
-
-@contextlib.contextmanager
-def _simulated_rank(rank: int, world: int, layout: Layout) -> Iterator[None]:
-    """megatron-core's parallel state as rank ``rank`` of ``world`` sees it, with no peers.
-
-    The fake backend answers every collective at once without data; building meta models and
-    describing their sharded state dicts needs the ranks and groups, never the communication.
-    """
-    from megatron.core import parallel_state as ps
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        ps.initialize_model_parallel(**layout.megatron_sizes(), create_gloo_process_groups=False)
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def _sharded_state(
-    chunks: list[torch.nn.Module], key_layout: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What ``save_dist`` saves, split as megatron-core splits it: (sharded part, common part)."""
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-
-    state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0}
-    with cpu_compat("meta"):
-        for i, chunk in enumerate(chunks):
-            state[state_key(i, chunks)] = sharded_state_dict(chunk, key_layout)
-        add_extra_states(state)
-    return save_preprocess(state, validate_access_integrity=False)
-
-
-def _main_chunks(
-    chunks: list[torch.nn.Module], tensors: list[LocalTensor], key_layout: dict[str, Any] | None = None
-) -> tuple[list[Any], list[tuple[Any, LocalTensor, Region]], dict[str, Any]]:
-    """This rank's saved objects and tensor chunks (main replicas only), each chunk with its param."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
-
-    sharded, common = _sharded_state(chunks, key_layout)
-    # Views share their base's storage; meta storages are distinct objects even without memory.
-    by_storage = {t.tensor.untyped_storage()._cdata: t for t in tensors}
-    objects, views = [], []
-    for item in nested_values(sharded):
-        if not is_main_replica(item.replica_id):
-            continue
-        if isinstance(item, ShardedObject):
-            objects.append(item)
-            continue
-        param = by_storage.get(item.data.untyped_storage()._cdata)
-        if param is None or not param.tensor.is_contiguous():
-            raise BridgeError(f"{item.key}: saved chunk is not a view of a contiguous model param; cannot stream it")
-        data = item.data
-        views.append(
-            (
-                item,
-                param,
-                Region(tuple(data.shape), data.stride(), data.storage_offset() - param.tensor.storage_offset()),
-            )
-        )
-    return objects, views, common
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -175,11 +110,11 @@ def stream_to_megatron(
     names: set[str] = set()
     world = layout.pp * math.lcm(layout.tp, layout.ep * layout.etp)
     for rank in range(world):
-        with _simulated_rank(rank, world, layout):
+        with simulated_rank(rank, world, layout):
             chunks = bridge.build_chunks(layout, meta=True)
             tensors = [t for t in local_tensors(chunks, bridge.config) if not bridge.embedding_copy(t)]
             names.update(t.name for t in tensors)
-            objects, views, rank_common = _main_chunks(chunks, tensors)
+            objects, views, rank_common = main_chunks(chunks, tensors)
             common = common if common is not None else rank_common
             for obj in objects:
                 saved.setdefault(obj.unique_key, [obj])
@@ -208,7 +143,7 @@ def stream_to_megatron(
         with checkpoint.staged_release(out_dir) as temp:  # the others write into it once rank 0 made it
             progress = Progress("offline import", len(mine), "chunk", enabled=rank == 0)
             # megatron's conversion asks for the rank: a simulated one, or this process's in torchrun's group
-            with _simulated_rank(0, 1, Layout()) if procs == 1 else contextlib.nullcontext(), progress:
+            with simulated_rank(0, 1, Layout()) if procs == 1 else contextlib.nullcontext(), progress:
                 state = mcore_to_pyt_state_dict(_share_of(saved, mine, rank), False)
                 planner = _StreamingSavePlanner(bridge, {c: recipes[c] for c in mine}, progress)
                 dcp_save(
@@ -358,12 +293,12 @@ def stream_to_hf(
     release = training.torch_dist_dir(ckpt_dir, iteration)
     saved = SavedChunks(release, training.saved_metadata(release))
     conversion = bridge.plan_conversion(Layout())
-    with _simulated_rank(0, 1, Layout()):
+    with simulated_rank(0, 1, Layout()):
         chunks = bridge.build_chunks(Layout(), meta=True)
         bound = bridge.bind(chunks, None)
         plan = bridge.export_entries(bound)
         key_layout = training.key_layout(chunks, saved.metadata)
-        _, views, _ = _main_chunks(chunks, [t for t, _ in bound], key_layout)
+        _, views, _ = main_chunks(chunks, [t for t, _ in bound], key_layout)
     training.check_model_keys(bridge.config, [item for item, _, _ in views], saved.metadata, str(release))
     regions: dict[str, list[tuple[Any, Region]]] = {}
     for item, param, region in views:
