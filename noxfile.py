@@ -83,6 +83,7 @@ MCORE_019_FOLDERS = [
     "tests/scale",
     "tests/conformance",
     "tests/interop",
+    "tests/adapters",
 ]
 #: The test tools: the only hand-written list. Everything else comes from our distributions' metadata.
 TEST_TOOLS = [
@@ -94,6 +95,8 @@ TEST_TOOLS = [
     "pip==26.3",
     # tests/imports: the import contracts of .importlinter (grimp comes with it)
     "import-linter==2.17",
+    # tests/adapters: LoRA adapters made and loaded by peft itself (the newest release; it brings accelerate)
+    "peft==0.21.2",
 ]
 
 #: plugin -> (local distributions it needs, besides the core, and its test folders). Each is installed
@@ -114,6 +117,8 @@ PLUGINS = {
             "tests/scale",
             "tests/conformance",
             "tests/interop",
+            # LoRA adapters of every family (peft's own adapters, Megatron's from megatron-core's save)
+            "tests/adapters",
             # the layout checks of the plugins' own tiny models: skipped in the core row, which has none
             "tests/core/test_layout_check.py::test_layout_check_names_the_value_and_what_it_must_divide",
             "tests/core/test_layout_check.py::test_offline_import_checks_expert_parallelism",
@@ -283,6 +288,7 @@ MUTANT_TESTS = [
     "tests/core/test_mapping_properties.py",
     "tests/core/test_mapping_errors.py",
     "tests/core/test_mapping_table.py",
+    "tests/core/test_lora_mappings.py",
     "tests/core/test_verifiers_reject.py",
     "tests/core/test_hf_writer.py",
     "tests/core/test_mtp.py",

@@ -14,7 +14,7 @@ from cli_runner import run_cli
 from bridgecore.compare import compare_checkpoints
 
 PLUGINS = "llama_example"
-COMMANDS = ["plugins", "inspect", "import", "export", "roundtrip", "verify", "demo"]
+COMMANDS = ["plugins", "inspect", "import", "export", "export-adapter", "import-adapter", "roundtrip", "verify", "demo"]
 
 
 def test_help_explains_every_command() -> None:
@@ -29,6 +29,7 @@ def test_plugins_lists_the_example_with_its_hooks() -> None:
     out = run_cli("plugins", plugins=PLUGINS).stdout
     assert "llama_example  (bridgecore-llama-example 0.1.0)" in out
     assert "LlamaForCausalLM" in out and "mappings" in out and "provider_config" in out
+    assert "adapters:      LoRA (export-adapter, import-adapter), from its mappings" in out
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ The public Python API. Every name is imported from its module on first use, so `
 - the in-memory bridge :class:`AutoBridge` and the parallel :class:`Layout`;
 - one function per command: :func:`import_checkpoint`, :func:`export_checkpoint`, :func:`roundtrip`,
   :func:`verify`, :func:`inspect`, with :func:`open_hf` to make a bridge;
+- LoRA adapters: :func:`export_adapter` (Megatron -> PEFT), :func:`import_adapter` (PEFT -> Megatron);
 - weight streaming: :func:`export_hf_weights`, :class:`WeightBucket`, :func:`buckets`;
 - the checks: :func:`compare_checkpoints`; the one error type :class:`BridgeError`.
 """
@@ -21,8 +22,10 @@ if TYPE_CHECKING:
     from bridgecore.api import (
         Inspection,
         check_apart,
+        export_adapter,
         export_checkpoint,
         hf_checkpoint,
+        import_adapter,
         import_checkpoint,
         inspect,
         leftovers_note,
@@ -46,8 +49,10 @@ _MODULES = {
     "bridgecore.api": (
         "Inspection",
         "check_apart",
+        "export_adapter",
         "export_checkpoint",
         "hf_checkpoint",
+        "import_adapter",
         "import_checkpoint",
         "inspect",
         "leftovers_note",
@@ -77,10 +82,12 @@ __all__ = [
     "check_apart",
     "compare_checkpoints",
     "end_run",
+    "export_adapter",
     "export_checkpoint",
     "export_hf_weights",
     "failing_plugin",
     "hf_checkpoint",
+    "import_adapter",
     "import_checkpoint",
     "inspect",
     "Inspection",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridgecore import adapters
 from bridgecore.compare import LogitsParity, Report, compare_checkpoints, nonfinite
 from bridgecore.errors import BridgeError
 from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, leftover_temporaries, temporary_prefix
@@ -195,6 +196,51 @@ def export_checkpoint(
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def export_adapter(
+    megatron_dir: str | Path,
+    peft_dir: str | Path,
+    base: str | Path,
+    *,
+    alpha: float | None = None,
+    iteration: int | None = None,
+    plugin: str | None = None,
+    merge: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Megatron LoRA adapter (Megatron-Bridge's layout, saved at any layout) -> HF PEFT directory for the
+    HF model ``base``, reading no base weight; with ``merge``, the base HF checkpoint with the adapter
+    merged into its weights. ``alpha`` is needed where no ``adapter.json`` records it."""
+    check_apart(megatron_dir, peft_dir)
+    check_apart(base, peft_dir)
+    return adapters.export_adapter(
+        megatron_dir,
+        peft_dir,
+        hf_checkpoint(base),
+        alpha=alpha,
+        iteration=iteration,
+        plugin=plugin,
+        merge=merge,
+        overwrite=overwrite,
+    )
+
+
+def import_adapter(
+    peft_dir: str | Path,
+    megatron_dir: str | Path,
+    base: str | Path,
+    layout: Layout | None = None,
+    *,
+    plugin: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """HF PEFT LoRA directory -> Megatron adapter weights (Megatron-Bridge's layout, torch_dist chunked
+    for ``layout``) for the HF model ``base``, reading no base weight."""
+    check_apart(peft_dir, megatron_dir)
+    return adapters.import_adapter(
+        peft_dir, megatron_dir, hf_checkpoint(base), layout, plugin=plugin, overwrite=overwrite
+    )
 
 
 def roundtrip(

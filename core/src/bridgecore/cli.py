@@ -88,6 +88,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{info.name}  ({info.distribution} {info.version})")
         print(f"  architectures: {', '.join(info.architectures) or '-'}")
         print(f"  hooks:         {', '.join(info.hooks + [f'{h} (core default)' for h in info.defaults])}")
+        adapters = "LoRA (export-adapter, import-adapter), from its mappings" if "mappings" in info.hooks else "-"
+        print(f"  adapters:      {adapters}")
     for name, error in plugins.broken.items():
         print(f"{name}  BROKEN: {error}")
     for arch, owners in plugins.conflicts().items():
@@ -159,6 +161,37 @@ def cmd_export(args: argparse.Namespace) -> int:
         say(f"exported {args.megatron_dir} -> {args.hf_dir} offline in {time.perf_counter() - start:.1f}s")
     else:
         say(f"exported {args.megatron_dir} -> {target} ({_layout(args)}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_export_adapter(args: argparse.Namespace) -> int:
+    _note_leftovers(Path(args.peft_dir))
+    start = time.perf_counter()
+    bridgecore.export_adapter(
+        args.megatron_dir,
+        args.peft_dir,
+        args.base,
+        alpha=args.alpha,
+        iteration=args.iteration,
+        plugin=args.plugin,
+        merge=args.merge,
+        overwrite=args.overwrite,
+    )
+    what = "merged checkpoint" if args.merge else "adapter"
+    say(f"exported {what} {args.megatron_dir} -> {args.peft_dir} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_import_adapter(args: argparse.Namespace) -> int:
+    _note_leftovers(Path(args.megatron_dir))
+    start = time.perf_counter()
+    bridgecore.import_adapter(
+        args.peft_dir, args.megatron_dir, args.base, _layout(args), plugin=args.plugin, overwrite=args.overwrite
+    )
+    say(
+        f"imported adapter {args.peft_dir} -> {args.megatron_dir} ({_layout(args)})"
+        f" in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
@@ -282,6 +315,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser(
+        "export-adapter",
+        help="Megatron LoRA adapter checkpoint -> HF PEFT adapter directory",
+        description="Reads the adapter weights of a Megatron checkpoint in Megatron-Bridge's layout"
+        " (<linear>.adapter.linear_in/linear_out.weight, saved at any TP/PP/EP) and writes"
+        " adapter_model.safetensors + adapter_config.json that peft's PeftModel.from_pretrained loads on"
+        " the base model. A fused linear's adapter (linear_qkv, gate+up fc1, GDN in_proj) becomes one"
+        " adapter per HF module: the shared A and that module's rows of B. No base weight is read.",
+    )
+    p.add_argument("megatron_dir", type=Path)
+    p.add_argument("peft_dir", type=Path, metavar="out_dir")
+    p.add_argument("--base", type=Path, required=True, metavar="HF_DIR", help="the base model's HF checkpoint")
+    p.add_argument("--plugin", help="use this plugin when several claim the architecture")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        help="LoRA alpha, where no adapter.json beside the checkpoint records it (Megatron-Bridge keeps it"
+        " in run_config.yaml as peft.alpha); the rank is read off the weights",
+    )
+    p.add_argument(
+        "--iteration", type=int, metavar="N", help="iter_NNNNNNN/ of a training run (default: the tracker's)"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="write the base HF checkpoint with the adapter merged into its weights (W + alpha/r * B @ A, in"
+        " fp32, cast to W's dtype) instead of a PEFT directory; reads the base weights one at a time",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(fn=cmd_export_adapter)
+
+    p = sub.add_parser(
+        "import-adapter",
+        help="HF PEFT adapter directory -> Megatron LoRA adapter checkpoint",
+        description="Writes the adapter weights alone as a torch_dist checkpoint in Megatron-Bridge's layout,"
+        " chunked for the layout given, with adapter.json (each linear's rank and alpha). HF modules fused"
+        " in Megatron with different A become one adapter of rank k*r (A stacked, B block-diagonal) whose"
+        " delta is exactly theirs. No base weight is read.",
+    )
+    p.add_argument("peft_dir", type=Path)
+    p.add_argument("megatron_dir", type=Path)
+    p.add_argument("--base", type=Path, required=True, metavar="HF_DIR", help="the base model's HF checkpoint")
+    p.add_argument("--plugin", help="use this plugin when several claim the architecture")
+    _layout_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(fn=cmd_import_adapter)
 
     p = sub.add_parser(
         "roundtrip",

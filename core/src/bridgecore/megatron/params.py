@@ -39,6 +39,8 @@ class LocalTensor:
     group: Any
     #: whether this rank writes the tensor on export (one writer per replica set).
     writer: bool
+    #: the index of the model chunk (virtual pipeline stage) that holds it.
+    chunk: int = 0
 
 
 def global_name(local: str, layer_offset: int, mtp_offset: int, expert_offset: int) -> str:
@@ -115,6 +117,7 @@ def local_tensors(chunks: list[torch.nn.Module], config: Any) -> list[LocalTenso
                     partition_dim=dim,
                     group=group,
                     writer=expert_writer if is_expert else dense_writer,
+                    chunk=vp_stage,
                 )
             )
     return out

@@ -73,16 +73,19 @@ class NormColumnParallelLinear(MegatronModule):
             self.bias = torch.nn.Parameter(torch.zeros(output_size // tp, dtype=config.params_dtype))
             set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
 
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the linear multiplies (what a LoRA adapter on this linear takes too)."""
+        dtype, h = x.dtype, x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = self.layer_norm_weight.float()
+        return (h * (weight + 1 if self.zero_centered else weight)).to(dtype)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region,
         )
 
-        dtype, h = x.dtype, x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        weight = self.layer_norm_weight.float()
-        h = (h * (weight + 1 if self.zero_centered else weight)).to(dtype)
-        h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        h = copy_to_tensor_model_parallel_region(self.normed(x), group=self.tp_group)
         out = torch.nn.functional.linear(h, self.weight, None if self.skip_bias_add else self.bias)
         return out, self.bias if self.skip_bias_add else None
 
