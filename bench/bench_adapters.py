@@ -1,7 +1,8 @@
 """LoRA adapter conversion time on a synthetic base model (no base weight is read).
 
-    python3 -m nox -s bench -- ...           (the environment; then, in it:)
     python bench/bench_adapters.py --size 1 --rank 16 --work /tmp/bench-adapters
+
+(in an environment with the core and the example plugin, e.g. the bench session's or the dev venv.)
 
 A Llama-layout checkpoint of SIZE GB (bf16, ``bench_convert.llama_config``) and a PEFT adapter of rank
 RANK on its seven linears per layer (random A and B, written by ``bridgecore.hf.peft``) are generated;
