@@ -4,10 +4,10 @@ Usage: torchrun --nproc-per-node N adapter_worker.py HF_DIR OUT_DIR TP EP WHICH
 
 The base model is built at TP/EP from HF_DIR (fp32), Megatron-Bridge's adapters (rank 4, alpha 8)
 are put on the linears of TARGETS (WHICH: "dense" leaves out the routed experts, "experts" takes only
-them, "all" both), given
+them, "all" both; "+dora" makes them DoRA adapters, with a magnitude per output row), given
 random values per rank, and saved alone with megatron-core's own ``dist_checkpointing.save`` into
-OUT_DIR/release. Rank 0 saves the logits of fixed tokens with the adapters, gathered over TP, as
-OUT_DIR/logits.pt.
+OUT_DIR/release. Rank 0 saves the logits of fixed tokens with the (LoRA) adapters, gathered over TP,
+as OUT_DIR/logits.pt.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def tokens(vocab: int) -> torch.Tensor:
 
 
 def main(hf: Path, out: Path, tp: int, ep: int, which: str) -> None:
+    which, _, dora = which.partition("+")
     bridge = AutoBridge.from_hf_pretrained(hf, params_dtype=torch.float32)
     model = bridge.to_megatron_model(Layout(tp=tp, ep=ep, etp=1))
     modules = dict(model[0].named_modules())
@@ -51,13 +52,16 @@ def main(hf: Path, out: Path, tp: int, ep: int, which: str) -> None:
             continue
         if which != "all" and t.expert != (which == "experts"):
             continue
-        targets.append(((0, local), Adapted(module, RANK, ALPHA)))
+        targets.append(((0, local), Adapted(module, RANK, ALPHA, dora == "dora")))
     adapt(model, targets)
     with torch.no_grad():
         for t in local_tensors(model, bridge.config):
             if adapted_module(t.name) is not None:
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{t.name}:{t.shard.rank}".encode()))
-                t.tensor.copy_(torch.randn(t.tensor.shape, generator=gen) / t.tensor.shape[1] ** 0.5)
+                if t.tensor.dim() == 1:  # a DoRA magnitude: positive, about a row norm
+                    t.tensor.copy_(torch.rand(t.tensor.shape, generator=gen) + 0.5)
+                else:
+                    t.tensor.copy_(torch.randn(t.tensor.shape, generator=gen) / t.tensor.shape[1] ** 0.5)
     from megatron.core import dist_checkpointing
 
     state = {k: v for k, v in sharded_state_dict(model[0]).items() if ".adapter." in k}
@@ -67,6 +71,8 @@ def main(hf: Path, out: Path, tp: int, ep: int, which: str) -> None:
     dist.barrier()
     with cpu_compat():
         dist_checkpointing.save(state, str(out / "release"))
+        if dora:  # no DoRA forward here
+            return
         with torch.no_grad():
             logits = bridge.config.forward_logits(model[0], tokens(bridge.config.vocab_size))
     if dist.get_rank() == 0:

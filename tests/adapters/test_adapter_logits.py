@@ -114,3 +114,32 @@ def test_merge_matches_peft_merge_and_unload(native: Native, tmp_path: Path) -> 
         else:
             assert torch.equal(value, base[name]), name
     assert changed == 14
+
+
+def test_megatron_dora_adapter_exports_and_merges_as_peft(native: Native, tmp_path: Path) -> None:
+    """A DoRA adapter saved by megatron-core at TP2 (magnitudes split with the rows of linear_qkv and
+    linear_fc1, whole for linear_proj and linear_fc2): peft loads its export into transformers' model,
+    and ``--merge`` gives peft's ``merge_and_unload`` rounded to bf16; back in Megatron bit for bit."""
+    from adapter_worker import ALPHA
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    hf, saved_dir = native("llama-example", 2, 1, "dense+dora")
+    peft_dir = export_adapter(saved_dir, tmp_path / "peft", hf, alpha=ALPHA)
+    merged_dir = export_adapter(saved_dir, tmp_path / "merged", hf, alpha=ALPHA, merge=True)
+    model = PeftModel.from_pretrained(reference("llama-example", hf), peft_dir)
+    saved = load_file(peft_dir / "adapter_model.safetensors")
+    loaded = get_peft_model_state_dict(model)
+    assert sum(k.endswith("lora_magnitude_vector") for k in saved) == 14
+    assert sorted(loaded) == sorted(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    want = model.merge_and_unload().state_dict()
+    merged = {k: v for f in sorted(merged_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for name, value in merged.items():
+        if name.endswith("_proj.weight"):
+            rounded = want[name].to(value.dtype)
+            assert (value.float() - rounded.float()).abs().le(rounded.float().abs() * 2**-7).all(), name
+            assert (value == rounded).float().mean().item() > 0.99, name
+    again = import_adapter(peft_dir, tmp_path / "megatron-again", hf, Layout(tp=2))
+    before, after = torch_dist_tensors(saved_dir), torch_dist_tensors(again)
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], v) for k, v in before.items())

@@ -47,7 +47,7 @@ def _refused(call, out: Path, *words: str) -> str:  # noqa: ANN001
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("use_dora", True), ("use_rslora", True), ("fan_in_fan_out", True), ("lora_bias", True), ("bias", "all")],
+    [("use_rslora", True), ("fan_in_fan_out", True), ("lora_bias", True), ("bias", "all")],
 )
 def test_a_numeric_option_not_understood_is_refused(key: str, value: object, peft: Path, llama: Path, tmp_path: Path):
     bad = _copy(peft, tmp_path / "bad", {key: value})
@@ -150,4 +150,18 @@ def test_a_head_gate_adapter_that_hf_cannot_hold_is_refused(native: Native, tmp_
         "linear_qkv.adapter.linear_out.weight",
         "g_proj",
         "no longer equal",
+    )
+
+
+def test_a_dora_adapter_on_part_of_a_fused_linear_is_refused(llama: Path, tmp_path: Path) -> None:
+    """The magnitude of linear_qkv's k rows would be the base k_proj's row norms: not in the adapter."""
+    bad = make_peft(llama, tmp_path / "bad", ["q_proj", "v_proj"], use_dora=True)
+    _refused(lambda: import_adapter(bad, tmp_path / "out", llama), tmp_path / "out", "linear_qkv", "k_proj", "DoRA")
+
+
+def test_magnitudes_without_use_dora_are_refused(llama: Path, tmp_path: Path) -> None:
+    dora = make_peft(llama, tmp_path / "dora", ["o_proj"], use_dora=True)
+    bad = _copy(dora, tmp_path / "bad", {"use_dora": False})
+    _refused(
+        lambda: import_adapter(bad, tmp_path / "out", llama), tmp_path / "out", "lora_magnitude_vector", "use_dora"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_support import TARGETS, deltas, make_peft, torch_dist_tensors, write_tiny
+from adapter_support import TARGETS, deltas, hf_linears, make_peft, skeleton, torch_dist_tensors, write_tiny
 
 from bridgecore import Layout, export_adapter, import_adapter
 
@@ -55,3 +55,38 @@ def test_peft_adapter_round_trips_exactly(case: tuple[str, Layout], tmp_path: Pa
         assert torch.equal(resaved[key], value), key
     record, rerecord = (json.loads((d / "adapter.json").read_text()) for d in (first, again))
     assert rerecord["modules"] == record["modules"]
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=_id)
+def test_dora_adapter_round_trips_exactly_and_loads_in_peft(case: tuple[str, Layout], tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    name, layout = case
+    hf = write_tiny(name, tmp_path / "hf")
+    peft_dir = make_peft(hf, tmp_path / "peft", TARGETS[name], use_dora=True)
+    first = import_adapter(peft_dir, tmp_path / "megatron", hf, layout)
+    back = export_adapter(first, tmp_path / "peft-back", hf)
+    assert json.loads((back / "adapter_config.json").read_text())["use_dora"] is True
+
+    want, got = load_file(peft_dir / "adapter_model.safetensors"), load_file(back / "adapter_model.safetensors")
+    magnitudes = sorted(k for k in want if k.endswith("lora_magnitude_vector"))
+    assert magnitudes and magnitudes == sorted(k for k in got if k.endswith("lora_magnitude_vector"))
+    for key in magnitudes:
+        assert torch.equal(got[key], want[key]), key
+    for module, delta in deltas(peft_dir).items():
+        assert torch.equal(deltas(back)[module], delta), module
+    again = import_adapter(back, tmp_path / "megatron-again", hf, layout)
+    saved, resaved = torch_dist_tensors(first), torch_dist_tensors(again)
+    assert any(k.endswith(".adapter.weight_magnitude") for k in saved) and sorted(resaved) == sorted(saved)
+    assert all(torch.equal(resaved[k], v) for k, v in saved.items())
+
+    # peft's own loading (as PeftModel.from_pretrained does it), on the module tree (no causal-LM head)
+    config = LoraConfig.from_pretrained(back)
+    config.task_type = None
+    model = get_peft_model(skeleton(hf_linears(hf, TARGETS[name])), config)
+    result = set_peft_model_state_dict(model, load_peft_weights(back))
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+    loaded = get_peft_model_state_dict(model)
+    assert sorted(loaded) == sorted(got) and all(torch.equal(loaded[k], got[k]) for k in got)

@@ -139,7 +139,37 @@ def test_what_cannot_carry_an_adapter_is_named() -> None:
     assert [repr(m) for m in mappings] == [
         "LoRAA(ColumnParallel(l.w.weight <- h.w.weight))",
         "LoRAB(ColumnParallel(l.w.weight <- h.w.weight))",
+        "LoRAM(ColumnParallel(l.w.weight <- h.w.weight))",
     ]
     assert [m.megatron.text for m, _ in refused] == ["e.{expert}.w.weight", "l.packed.weight"]
     assert "only a linear split over TP by rows or columns" in refused[0][1]
     assert "h.gate_up_proj is not a linear's weight" in refused[1][1]
+
+
+@pytest.mark.parametrize("kind", sorted(COLUMN))
+def test_dora_magnitude_follows_the_weight_rows_of_a_column_parallel_linear(kind: str) -> None:
+    """A magnitude is one value per output row: rank t holds the magnitudes of the rows it holds."""
+    base, rows = COLUMN[kind]
+    modules = _hf(base, {})
+    pairs = enumerate(zip(modules, rows, strict=True))
+    magnitude = {m: torch.arange(n, dtype=torch.float64) + 100 * (i + 1) for i, (m, n) in pairs}
+    weights = TensorSource({f"{m}.weight": magnitude[m][:, None].expand(-1, 2).contiguous() for m in modules})
+    lm = LoRAWeight(base, "M")
+    assert lm.partition_dim == 0
+    source = TensorSource({f"{m}.lora_magnitude_vector": magnitude[m] for m in modules})
+    shards = [lm.to_megatron(source, {}, Shard(t, TP)) for t in range(TP)]
+    for t in range(TP):
+        assert torch.equal(shards[t], base.to_megatron(weights, {}, Shard(t, TP))[:, 0])
+    back = {p.name: p.tensor for p in lm.to_hf(shards, {})}
+    assert set(back) == {f"{m}.lora_magnitude_vector" for m in modules}
+    for m in modules:
+        assert torch.equal(back[f"{m}.lora_magnitude_vector"], magnitude[m])
+
+
+def test_dora_magnitude_of_a_row_parallel_linear_is_whole_on_every_rank() -> None:
+    lm = LoRAWeight(RowParallel("l.proj.weight", "h.o.weight"), "M")
+    magnitude = torch.arange(5, dtype=torch.float64)
+    assert lm.partition_dim is None
+    assert torch.equal(lm.to_megatron(TensorSource({"h.o.lora_magnitude_vector": magnitude}), {}, Shard()), magnitude)
+    assert lm.megatron.text == "l.proj.adapter.weight_magnitude"
+    assert [(p.name, p.tensor) for p in lm.to_hf([magnitude], {})] == [("h.o.lora_magnitude_vector", magnitude)]

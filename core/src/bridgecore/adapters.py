@@ -28,7 +28,7 @@ from bridgecore.errors import BridgeError
 from bridgecore.hf.peft import PeftAdapter, read_peft, write_peft
 from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, check_target, move_into_place
 from bridgecore.megatron import checkpoint, training
-from bridgecore.megatron.adapters import Adapted, adapt, adapted_module, split_dim
+from bridgecore.megatron.adapters import LINEAR_IN, LINEAR_OUT, MAGNITUDE, Adapted, adapt, adapted_module, split_dim
 from bridgecore.megatron.chunks import main_chunks, simulated_rank
 from bridgecore.megatron.dcp import COMMON_FILE, COMMON_STATE, RELEASE, TRACKER, SavedChunks, common_in_shards
 from bridgecore.megatron.parallel import Layout
@@ -102,7 +102,8 @@ def export_adapter(
     # which linears carry an adapter, and under which of megatron-core's key layouts it was saved
     with simulated_rank(0, 1, Layout()):
         chunks = bridge.build_chunks(Layout(), meta=True)
-        adapt(chunks, [(local, Adapted(m, 1, 1.0)) for m, local in _linears(chunks, bridge.config).items()])
+        linears = _linears(chunks, bridge.config)
+        adapt(chunks, [(local, Adapted(m, 1, 1.0, dora=True)) for m, local in linears.items()])
         fits = [_adapter_views(chunks, bridge.config, flags) for flags in training.KEY_LAYOUTS]
     hits = [sum(item.key in saved_keys for item, _, _ in views) for views in fits]
     key_layout = training.KEY_LAYOUTS[hits.index(max(hits))]
@@ -123,8 +124,8 @@ def export_adapter(
         if plan.bindings(module) is None:
             raise BridgeError(f"{module}: the checkpoint holds a LoRA adapter of it, but {plan.why_not(module)}")
         size = tuple(saved_keys[item.key].size)
-        dim = size[-2]
-        adapted[module] = Adapted(module, dim, _alpha(record, module, alpha, ckpt_dir))
+        dora = item.key.replace(LINEAR_IN, MAGNITUDE) in saved_keys
+        adapted[module] = Adapted(module, size[-2], _alpha(record, module, alpha, ckpt_dir), dora)
         axis = len(size) - (2 if plan.table.find(param.name).mapping.partition_dim == 0 else 1)
         offsets = {c.offsets[axis] for c in saved_keys[item.key].chunks}
         splits[param.expert] = max(splits[param.expert], len(offsets))
@@ -155,8 +156,8 @@ def export_adapter(
         saved.close()
     entries = {}
     for module, a in adapted.items():
-        a_name, b_name = f"{module}.adapter.linear_in.weight", f"{module}.adapter.linear_out.weight"
-        entries[module] = (a, _in_order(shards, a_name), _in_order(shards, b_name))
+        weights = {"A": LINEAR_IN, "B": LINEAR_OUT, **({"M": MAGNITUDE} if a.dora else {})}
+        entries[module] = (a, {k: _in_order(shards, f"{module}.{suffix}") for k, suffix in weights.items()})
     peft = plan.to_peft(entries, str(base))
     if merge:
         return merge_into(bridge, peft, out_dir, overwrite)
@@ -165,7 +166,8 @@ def export_adapter(
 
 def merge_into(bridge: Bridge, adapter: PeftAdapter, out_dir: Path, overwrite: bool = False) -> Path:
     """The base checkpoint of ``bridge`` with each adapted weight W replaced by W + scale * B @ A
-    (computed in fp32, cast to W's dtype), one tensor in memory at a time, in the base's own files,
+    (DoRA: each row of that rescaled to its magnitude; computed in fp32, cast to W's dtype), one tensor
+    in memory at a time, in the base's own files,
     order and index, its side files (config, tokenizer) copied."""
     source, reader = bridge.source, bridge.reader
     if source is None or reader is None:
@@ -188,7 +190,10 @@ def merge_into(bridge: Bridge, adapter: PeftAdapter, out_dir: Path, overwrite: b
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module in adapter.a:
                 delta = adapter.b[module].float() @ adapter.a[module].float()
-                value = (value.float() + delta * adapter.scale_of(module)).to(value.dtype)
+                merged = value.float() + delta * adapter.scale_of(module)
+                if adapter.use_dora:  # each row rescaled to its magnitude, as DoRA's forward does
+                    merged *= (adapter.magnitude[module].float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+                value = merged.to(value.dtype)
             writer.write(name, value)
         writer.commit([writer.written()], side_files_from=bridge.hf_dir, overwrite=overwrite)
     except BaseException:
@@ -289,7 +294,7 @@ def import_adapter(
             "base": str(base),
             "plugin": bridge.plugin.name,
             "layout": dataclasses.asdict(layout),
-            "modules": {m: {"dim": a.dim, "alpha": a.alpha} for m, a in sorted(adapted.items())},
+            "modules": {m: {"dim": a.dim, "alpha": a.alpha, "dora": a.dora} for m, a in sorted(adapted.items())},
         }
         (temp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
         check_target(out_dir, overwrite)

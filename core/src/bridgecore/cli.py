@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export-adapter",
         help="Megatron LoRA adapter checkpoint -> HF PEFT adapter directory",
-        description="Reads the adapter weights of a Megatron checkpoint in Megatron-Bridge's layout"
-        " (<linear>.adapter.linear_in/linear_out.weight, saved at any TP/PP/EP) and writes"
+        description="Reads the LoRA (or DoRA) adapter weights of a Megatron checkpoint in Megatron-Bridge's"
+        " layout (<linear>.adapter.linear_in/linear_out.weight, DoRA's adapter.weight_magnitude; saved at"
+        " any TP/PP/EP) and writes"
         " adapter_model.safetensors + adapter_config.json that peft's PeftModel.from_pretrained loads on"
         " the base model. A fused linear's adapter (linear_qkv, gate+up fc1, GDN in_proj) becomes one"
         " adapter per HF module: the shared A and that module's rows of B. No base weight is read.",

@@ -1,10 +1,11 @@
 """Hugging Face PEFT LoRA adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 PEFT saves each adapted module's two weights under ``base_model.model.<module>.lora_A.weight`` and
-``.lora_B.weight`` (``<module>.weight`` being the base weight), and the adapter's scale as
-``lora_alpha / r``, per module where ``alpha_pattern`` / ``rank_pattern`` name it. Only plain LoRA is
-read: a config key that would change the numbers (DoRA, rsLoRA, adapter biases, transposed weights,
-whole modules saved beside the adapter) is refused by name rather than ignored.
+``.lora_B.weight`` (``<module>.weight`` being the base weight), DoRA's magnitude (``use_dora``) as
+``.lora_magnitude_vector``, and the adapter's scale as ``lora_alpha / r``, per module where
+``alpha_pattern`` / ``rank_pattern`` name it. LoRA and DoRA are read: a config key that would
+change the numbers otherwise (rsLoRA, adapter biases, transposed weights, whole modules saved beside
+the adapter) is refused by name rather than ignored.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from bridgecore.hf.writer import check_target, move_into_place, remove_temporary
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 #: config keys whose value, unless it is this default, changes what the adapter computes.
 NUMERIC_DEFAULTS: dict[str, Any] = {
-    "use_dora": False,
     "use_rslora": False,
     "fan_in_fan_out": False,
     "lora_bias": False,
@@ -43,7 +43,7 @@ NUMERIC_DEFAULTS: dict[str, Any] = {
 }
 #: keys that say how the adapter was trained, found, or saved; none changes its numbers.
 KNOWN = {
-    "peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+    "peft_type", "r", "lora_alpha", "use_dora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
     "base_model_name_or_path", "task_type", "inference_mode", "lora_dropout", "init_lora_weights",
     "layers_to_transform", "layers_pattern", "revision", "auto_mapping", "peft_version", "megatron_core",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "kasa_config", "arrow_config",
@@ -53,12 +53,15 @@ KNOWN = {
 
 @dataclass
 class PeftAdapter:
-    """A PEFT LoRA adapter: per HF module (base weight's name without ``.weight``) its A and B."""
+    """A PEFT LoRA adapter: per HF module (base weight's name without ``.weight``) its A and B, and with
+    ``use_dora`` its magnitude."""
 
     r: int
     alpha: float
     a: dict[str, torch.Tensor] = field(default_factory=dict)
     b: dict[str, torch.Tensor] = field(default_factory=dict)
+    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
@@ -114,14 +117,16 @@ def read_peft(path: str | Path) -> PeftAdapter:
         rank_pattern=dict(config.get("rank_pattern") or {}),
         alpha_pattern=dict(config.get("alpha_pattern") or {}),
         base_model_name_or_path=config.get("base_model_name_or_path"),
+        use_dora=bool(config.get("use_dora", False)),
     )
+    found = {"lora_A.weight": adapter.a, "lora_B.weight": adapter.b, "lora_magnitude_vector": adapter.magnitude}
     try:
         with safe_open(weights, "pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no iteration
                 m = _KEY.match(key)
                 if m is None:
                     raise BridgeError(f"{weights}: {key} is not a LoRA weight ({PREFIX}<module>.lora_A/B.weight)")
-                (adapter.a if m.group(2) == "A" else adapter.b)[m.group(1)] = f.get_tensor(key)
+                found[m.group(2)][m.group(1)] = f.get_tensor(key)
     except BridgeError:
         raise
     except Exception as err:  # noqa: BLE001 - safetensors' own errors, on a file that is not one
@@ -129,8 +134,19 @@ def read_peft(path: str | Path) -> PeftAdapter:
     for module in sorted(adapter.a.keys() ^ adapter.b.keys()):
         which = "lora_B" if module in adapter.a else "lora_A"
         raise BridgeError(f"{weights}: {PREFIX}{module}.{which}.weight is missing")
+    if adapter.use_dora:
+        for module in sorted(adapter.a.keys() ^ adapter.magnitude.keys()):
+            which = "lora_magnitude_vector" if module in adapter.a else "lora_A.weight"
+            raise BridgeError(f"{weights}: {PREFIX}{module}.{which} is missing ({CONFIG} has use_dora)")
+    elif adapter.magnitude:
+        raise BridgeError(f"{weights}: holds lora_magnitude_vector tensors (DoRA), but {CONFIG} has no use_dora")
     for module, a in adapter.a.items():
         b = adapter.b[module]
+        magnitude = adapter.magnitude.get(module)
+        if magnitude is not None and tuple(magnitude.shape) != (b.shape[0],):
+            raise BridgeError(
+                f"{weights}: {module}.lora_magnitude_vector has shape {list(magnitude.shape)}; expected [{b.shape[0]}]"
+            )
         rank = _pattern(adapter.rank_pattern, module, adapter.r)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise BridgeError(
@@ -160,7 +176,7 @@ def write_peft(path: str | Path, adapter: PeftAdapter, overwrite: bool = False) 
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": adapter.use_dora,
         "use_rslora": False,
         "modules_to_save": None,
         "inference_mode": True,
@@ -171,6 +187,10 @@ def write_peft(path: str | Path, adapter: PeftAdapter, overwrite: bool = False) 
         # a copy each: modules of one fused linear share one A, and safetensors refuses shared memory
         tensors[f"{PREFIX}{m}.lora_A.weight"] = adapter.a[m].clone(memory_format=torch.contiguous_format)
         tensors[f"{PREFIX}{m}.lora_B.weight"] = adapter.b[m].clone(memory_format=torch.contiguous_format)
+        if adapter.use_dora:
+            tensors[f"{PREFIX}{m}.lora_magnitude_vector"] = adapter.magnitude[m].clone(
+                memory_format=torch.contiguous_format
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temporary_sibling(path, "tmp")
     try:

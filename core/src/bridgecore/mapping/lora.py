@@ -4,16 +4,21 @@ A linear's weight W (out x in) gets the delta ``scale * B @ A`` (B: out x r, A: 
 mapping cuts W's *rows* into HF tensors (a fused linear_qkv, gate+up fc1, GDN in_proj), the same cut
 of B's rows gives each HF module's B, and every HF module shares A: ``B_i @ A`` is exactly W_i's
 rows of the delta. Where it cuts W's *columns* (a row-parallel linear; over TP only, one HF tensor),
-A is cut as W is and B is shared. So each mapping that splits a linear over TP yields two:
+A is cut as W is and B is shared. So each mapping that splits a linear over TP yields these:
 
 - the *split* weight (B of a column-parallel linear, A of a row-parallel one): the base mapping's
   own layout, on the LoRA tensors instead of the weights;
 - the *shared* weight: one tensor, every HF module holds the same; Megatron splits its rows evenly
   over TP (Megatron-Bridge's adapter linears: A's rank rows, or B's output rows).
 
-HF names are PEFT's: ``<module>.lora_A.weight`` and ``<module>.lora_B.weight`` for the base weight
-``<module>.weight``. A base mapping whose HF tensors are not ``*.weight`` (experts packed into one
-tensor) or that needs other params has no LoRA form here, and :func:`lora_mappings` says which.
+DoRA adds a magnitude per output row ("M"): Megatron-Bridge's ``adapter.weight_magnitude``, PEFT's
+``lora_magnitude_vector``. Its rows are the weight's rows, so a column-parallel linear's follows the
+base layout as B does; a row-parallel linear's is whole on every rank (its output is not split).
+
+HF names are PEFT's: ``<module>.lora_A.weight``, ``<module>.lora_B.weight`` (and
+``<module>.lora_magnitude_vector``) for the base weight ``<module>.weight``. A base mapping whose
+HF tensors are not ``*.weight`` (experts packed into one tensor) or that needs other params has no
+LoRA form here, and :func:`lora_mappings` says which.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from bridgecore.errors import BridgeError
 from bridgecore.mapping.types import HFPiece, Mapping, Shard, Source, Stacked
 
 #: Megatron-Bridge's adapter weights (after the adapted linear's module name) and PEFT's.
-MEGATRON_SUFFIX = {"A": "adapter.linear_in.weight", "B": "adapter.linear_out.weight"}
-HF_SUFFIX = {"A": "lora_A.weight", "B": "lora_B.weight"}
+MEGATRON_SUFFIX = {"A": "adapter.linear_in.weight", "B": "adapter.linear_out.weight", "M": "adapter.weight_magnitude"}
+HF_SUFFIX = {"A": "lora_A.weight", "B": "lora_B.weight", "M": "lora_magnitude_vector"}
 
 
 def _renamed(text: str, suffix: str, what: str) -> str:
@@ -50,7 +55,7 @@ class _Renamed:
 
 
 class LoRAWeight(Mapping):
-    """LoRA weight ``which`` ("A" or "B") of the linear whose weight ``base`` maps."""
+    """LoRA weight ``which`` ("A", "B", or DoRA's magnitude "M") of the linear whose weight ``base`` maps."""
 
     def __init__(self, base: Mapping, which: str):
         if base.partition_dim not in (0, 1) or isinstance(base, Stacked):
@@ -62,19 +67,23 @@ class LoRAWeight(Mapping):
         super().__init__(megatron, [_renamed(p.text, HF_SUFFIX[which], repr(base)) for p in base.hf])
         self.layers = base.layers
         #: whether this weight follows the base layout (else every HF module shares it)
-        self.split = (which == "B") == (base.partition_dim == 0)
+        self.split = (which == "A") == (base.partition_dim == 1)
 
     def __repr__(self) -> str:
         return f"LoRA{self.which}({self.base!r})"
 
     @property
     def partition_dim(self) -> int | None:  # type: ignore[override]
-        return self.base.partition_dim if self.split else 0
+        if self.split:
+            return self.base.partition_dim
+        return None if self.which == "M" else 0
 
     def to_megatron(self, source: Source, captures: dict[str, int], shard: Shard) -> torch.Tensor:
         if self.split:
             return self.base.to_megatron(_Renamed(source, HF_SUFFIX[self.which]), captures, shard)
         names = self.hf_names(captures)
+        if self.which == "M":
+            return source.read(names[0], ())
         rows = source.shape(names[0])[0]
         if rows % shard.size:
             raise BridgeError(f"{names[0]}: {rows} rows do not split over TP={shard.size}")
@@ -101,7 +110,7 @@ def lora_mappings(base: Iterable[Mapping]) -> tuple[list[Mapping], list[tuple[Ma
         if not m.megatron.text.endswith(".weight") or m.partition_dim is None:
             continue  # norms, biases, routers: never a LoRA target here
         try:
-            out.extend([LoRAWeight(m, "A"), LoRAWeight(m, "B")])
+            out.extend([LoRAWeight(m, "A"), LoRAWeight(m, "B"), LoRAWeight(m, "M")])
         except BridgeError as err:
             refused.append((m, str(err)))
     return out, refused

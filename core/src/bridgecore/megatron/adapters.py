@@ -11,7 +11,9 @@ TP as Megatron-Bridge splits them:
 - a row-parallel ``X`` (linear_proj, linear_fc2): ``linear_in`` row-parallel on the parallel input
   (A's input columns split as ``X``'s are), ``linear_out`` column-parallel with its output gathered.
 
-A gated ``linear_fc1``'s ``linear_out`` is saved as megatron-core saves the weight (gate rows of every
+DoRA adds ``X.adapter.weight_magnitude``, one value per output row of ``X``: split over TP as the
+output of a column-parallel ``X``, whole on every rank of a row-parallel one (as Megatron-Bridge saves
+it). A gated ``linear_fc1``'s ``linear_out`` is saved as megatron-core saves the weight (gate rows of every
 rank, then up rows), so its saved form does not depend on TP. ``adapt`` puts such an adapter on
 linears of a built model in place: the linear keeps its class (it is subclassed), its parameter
 names and its own saved entries, so the base tensors stay where every other part of the core looks.
@@ -27,18 +29,20 @@ import torch
 
 from bridgecore.errors import BridgeError
 
-#: the suffixes of an adapter's two weights, after the adapted linear's module name.
+#: the suffixes of an adapter's weights, after the adapted linear's module name.
 LINEAR_IN = "adapter.linear_in.weight"
 LINEAR_OUT = "adapter.linear_out.weight"
+MAGNITUDE = "adapter.weight_magnitude"
 
 
 @dataclass(frozen=True)
 class Adapted:
-    """One adapted linear: its module name (global), rank and alpha."""
+    """One adapted linear: its module name (global), rank and alpha, and whether it is DoRA's."""
 
     module: str
     dim: int
     alpha: float
+    dora: bool = False
 
     @property
     def scale(self) -> float:
@@ -51,8 +55,9 @@ def adapter_weights(module: str) -> tuple[str, str]:
 
 
 def adapted_module(name: str) -> tuple[str, str] | None:
-    """(the adapted linear's module name, "in" or "out") for an adapter weight's name, else None."""
-    for suffix, which in ((LINEAR_IN, "in"), (LINEAR_OUT, "out")):
+    """(the adapted linear's module name, "in", "out" or "magnitude") for an adapter weight's name,
+    else None."""
+    for suffix, which in ((LINEAR_IN, "in"), (LINEAR_OUT, "out"), (MAGNITUDE, "magnitude")):
         if name.endswith(f".{suffix}"):
             return name[: -len(suffix) - 1], which
     return None
@@ -61,10 +66,12 @@ def adapted_module(name: str) -> tuple[str, str] | None:
 class LoRA(torch.nn.Module):
     """The adapter of one megatron-core linear: ``linear_in`` then ``linear_out``, scaled."""
 
-    def __init__(self, base: torch.nn.Module, column: bool, dim: int, alpha: float, swiglu: bool):
+    def __init__(self, base: torch.nn.Module, column: bool, adapted: Adapted, swiglu: bool):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         super().__init__()
+        dim = adapted.dim
         tp = base.tp_group.size()
         rows, cols = base.weight.shape
         common: dict[str, Any] = {
@@ -81,9 +88,16 @@ class LoRA(torch.nn.Module):
             self.linear_in = RowParallelLinear(cols * tp, dim, input_is_parallel=True, skip_bias_add=True, **common)
             out_features = rows
         self.linear_out = ColumnParallelLinear(dim, out_features, gather_output=not column, **common)
-        self.dim, self.alpha, self.swiglu = dim, alpha, swiglu
+        self.dim, self.alpha, self.swiglu, self.column = dim, adapted.alpha, swiglu, column
+        self.tp_group = base.tp_group
+        if adapted.dora:  # one per output row this rank computes; split over TP as those rows are
+            self.weight_magnitude = torch.nn.Parameter(torch.empty(rows, dtype=base.weight.dtype))
+            if column:
+                set_tensor_model_parallel_attributes(self.weight_magnitude, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "weight_magnitude"):
+            raise BridgeError("the forward of a DoRA adapter is not supported here; converting its weights is")
         hidden, _ = self.linear_in(x)
         out, _ = self.linear_out(hidden)
         return out * (self.alpha / self.dim)
@@ -92,6 +106,7 @@ class LoRA(torch.nn.Module):
         self, prefix: str = "", sharded_offsets: tuple[Any, ...] = (), metadata: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
 
         state = self.linear_in.sharded_state_dict(f"{prefix}linear_in.", sharded_offsets, metadata)
         out = self.linear_out.sharded_state_dict(f"{prefix}linear_out.", sharded_offsets, metadata)
@@ -100,6 +115,16 @@ class LoRA(torch.nn.Module):
             singleton = (metadata or {}).get("singleton_local_shards", False)
             out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets, singleton)
         state.update(out)
+        if hasattr(self, "weight_magnitude"):
+            key, value = f"{prefix}weight_magnitude", self.weight_magnitude
+            if self.column:
+                state[key] = make_tp_sharded_tensor_for_checkpoint(
+                    value, key, 0, prepend_offsets=sharded_offsets, tp_group=self.tp_group
+                )
+            else:
+                state[key] = make_sharded_tensor_for_checkpoint(
+                    value, key, prepend_offsets=sharded_offsets, tp_group=self.tp_group
+                )
         return state
 
 
@@ -177,6 +202,6 @@ def adapt(chunks: list[torch.nn.Module], targets: Iterable[tuple[tuple[int, str]
         cls = type(base)
         if cls not in _ADAPTED_CLASSES:
             _ADAPTED_CLASSES[cls] = type(f"Adapted{cls.__name__}", (AdaptedLinear, cls), {})
-        adapter = LoRA(base, dim == 0, adapted.dim, adapted.alpha, swiglu)
+        adapter = LoRA(base, dim == 0, adapted, swiglu)
         base.__class__ = _ADAPTED_CLASSES[cls]
         base.adapter = adapter

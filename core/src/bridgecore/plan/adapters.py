@@ -26,7 +26,7 @@ import torch
 from bridgecore.errors import BridgeError
 from bridgecore.hf.peft import PeftAdapter
 from bridgecore.mapping import Binding, HFPiece, MappingTable, Pattern, TensorSource
-from bridgecore.mapping.lora import HF_SUFFIX, lora_mappings
+from bridgecore.mapping.lora import HF_SUFFIX, MEGATRON_SUFFIX, lora_mappings
 from bridgecore.megatron.adapters import Adapted, adapter_weights
 from bridgecore.megatron.parallel import Layout
 from bridgecore.plan.bridge import Bridge
@@ -88,6 +88,8 @@ class AdapterPlan:
                     f"{module}: its HF modules have different LoRA scales (alpha / r:"
                     f" {', '.join(f'{h}={s}' for h, s in scales.items())}); one Megatron adapter has one scale"
                 )
+            if peft.use_dora:
+                self._magnitudes(module, hf, present, peft, tensors)
             a, b = self.bindings(module)  # type: ignore[misc]
             split_a = a.mapping.split  # type: ignore[attr-defined]
             if split_a:  # a row-parallel linear: A follows the layout, B is shared
@@ -99,7 +101,7 @@ class AdapterPlan:
                 dim = self._fused(module, hf, present, peft, tensors, shapes)
             rank0 = peft.a[present[0]].shape[0]
             alpha = peft.alpha_of(present[0]) * (dim // rank0) if dim % rank0 == 0 else scales[present[0]] * dim
-            adapted[module] = Adapted(module, dim, alpha)
+            adapted[module] = Adapted(module, dim, alpha, peft.use_dora)
         unused = sorted(peft.a.keys() - used)
         if unused:
             raise BridgeError(
@@ -107,6 +109,21 @@ class AdapterPlan:
                 f" the base model has no linear {unused[0]}.weight that a LoRA adapter maps onto"
             )
         return adapted, TensorSource(tensors)
+
+    @staticmethod
+    def _magnitudes(
+        module: str, hf: list[str], present: list[str], peft: PeftAdapter, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """DoRA's magnitudes: each module's rows of the Megatron linear's. A module of the linear that the
+        adapter leaves out would need its base weight's row norms; it is refused instead."""
+        absent = [h for h in hf if h not in present]
+        if absent:
+            raise BridgeError(
+                f"{module}: the DoRA adapter covers {', '.join(present)} but not {', '.join(absent)}, which"
+                " share this Megatron linear (and so its magnitude); adapt all of them"
+            )
+        for h in hf:
+            tensors[f"{h}.{HF_SUFFIX['M']}"] = peft.magnitude[h]
 
     @staticmethod
     def _shared(
@@ -169,22 +186,25 @@ class AdapterPlan:
 
     # -- Megatron -> PEFT ----------------------------------------------------------------------------
     def to_peft(
-        self, adapters: dict[str, tuple[Adapted, list[torch.Tensor], list[torch.Tensor]]], base: str | None
+        self, adapters: dict[str, tuple[Adapted, dict[str, list[torch.Tensor]]]], base: str | None
     ) -> PeftAdapter:
-        """The PEFT adapter of Megatron adapters: per linear (global name) its rank and alpha, and its
-        A and B shards of every TP rank in rank order."""
-        a_out: dict[str, torch.Tensor] = {}
-        b_out: dict[str, torch.Tensor] = {}
+        """The PEFT adapter of Megatron adapters: per linear (global name) its :class:`Adapted` and the
+        shards of every TP rank, in rank order, of each of its weights ("A", "B", and DoRA's "M")."""
+        out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "M": {}}
         dims: dict[str, int] = {}
         alphas: dict[str, float] = {}
-        for module, (adapted, a_shards, b_shards) in sorted(adapters.items()):
-            found = self.bindings(module)
-            if found is None:
+        dora = {a.dora for a, _ in adapters.values()}
+        if len(dora) > 1:
+            raise BridgeError(
+                "some adapted linears carry DoRA magnitudes and others do not; a PEFT adapter is DoRA or LoRA whole"
+            )
+        for module, (adapted, shards) in sorted(adapters.items()):
+            if self.bindings(module) is None:
                 raise BridgeError(self.why_not(module))
-            a, b = found
-            for binding, shards, into, which in ((a, a_shards, a_out, "A"), (b, b_shards, b_out, "B")):
-                for piece in binding.mapping.to_hf(shards, binding.capture_dict):
-                    into[_module(piece.name, which)] = _piece(piece)
+            for which, weights in shards.items():
+                binding = self.table.find(f"{module}.{MEGATRON_SUFFIX[which]}")
+                for piece in binding.mapping.to_hf(weights, binding.capture_dict):  # type: ignore[union-attr]
+                    out[which][_module(piece.name, which)] = _piece(piece)
             for h in self.hf_modules(module):
                 dims[h], alphas[h] = adapted.dim, adapted.alpha
         r = Counter(dims.values()).most_common(1)[0][0]
@@ -192,8 +212,10 @@ class AdapterPlan:
         return PeftAdapter(
             r=r,
             alpha=alpha,
-            a=a_out,
-            b=b_out,
+            a=out["A"],
+            b=out["B"],
+            magnitude=out["M"],
+            use_dora=dora == {True},
             rank_pattern={h: d for h, d in sorted(dims.items()) if d != r},
             alpha_pattern={h: v for h, v in sorted(alphas.items()) if v != alpha},
             base_model_name_or_path=base,
