@@ -15,8 +15,8 @@ from adapter_support import Native, torch_dist_tensors
 
 from bridgecore import Layout, export_adapter, import_adapter
 
-#: logits are O(1) here; fp32 forwards of the same function differ by ~1e-6
-TOLERANCE = 1e-4
+#: as `bridgecore verify`: max abs diff over the largest reference logit (measured: 1e-6 to 3e-5)
+RTOL = 1e-4
 
 
 def reference(name: str, hf: Path) -> torch.nn.Module:
@@ -51,9 +51,10 @@ def test_megatron_adapter_logits_match_peft(name: str, tp: int, ep: int, native:
     with torch.no_grad():
         adapted = model(input_ids=ids).logits.float()
     megatron = torch.load(saved_dir / "logits.pt")
-    assert (megatron - adapted).abs().max().item() < TOLERANCE
+    bound = RTOL * adapted.abs().max().item()
+    assert (megatron - adapted).abs().max().item() <= bound
     # the check can fail: without the adapter the logits are far from Megatron's
-    assert (megatron - plain).abs().max().item() > 100 * TOLERANCE
+    assert (megatron - plain).abs().max().item() > 100 * bound
 
     again = import_adapter(peft_dir, tmp_path / "megatron-again", hf, Layout(tp=tp, ep=ep))
     saved_native, resaved = torch_dist_tensors(saved_dir), torch_dist_tensors(again)
