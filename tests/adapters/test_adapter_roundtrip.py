@@ -15,7 +15,7 @@ import pytest
 import torch
 from adapter_support import TARGETS, deltas, hf_linears, make_peft, skeleton, torch_dist_tensors, write_tiny
 
-from bridgecore import Layout, export_adapter, import_adapter
+from bridgecore import BridgeError, Layout, export_adapter, import_adapter
 
 CASES = [
     ("llama-example", Layout()),
@@ -90,3 +90,19 @@ def test_dora_adapter_round_trips_exactly_and_loads_in_peft(case: tuple[str, Lay
     assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
     loaded = get_peft_model_state_dict(model)
     assert sorted(loaded) == sorted(got) and all(torch.equal(loaded[k], got[k]) for k in got)
+
+
+def test_excluded_linears_are_left_out_of_the_export(tmp_path: Path) -> None:
+    """Qwen3.5's MTP head carries adapters like any layer (the round trips above include it); a
+    consumer without an MTP head asks for the rest (``--exclude 'mtp.*'``)."""
+    hf = write_tiny("qwen35-dense", tmp_path / "hf")
+    peft_dir = make_peft(hf, tmp_path / "peft", TARGETS["qwen35-dense"])
+    first = import_adapter(peft_dir, tmp_path / "megatron", hf)
+    want = deltas(peft_dir)
+    assert any(m.startswith("mtp.") for m in want)
+    back = export_adapter(first, tmp_path / "peft-back", hf, exclude=["mtp.*"])
+    got = deltas(back)
+    assert sorted(got) == sorted(m for m in want if not m.startswith("mtp."))
+    assert all(torch.equal(got[m], want[m]) for m in got)
+    with pytest.raises(BridgeError, match="leaves no adapter to export"):
+        export_adapter(first, tmp_path / "none", hf, exclude=["*"])

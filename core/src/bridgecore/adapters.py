@@ -17,8 +17,10 @@ and the adapter plan (:mod:`bridgecore.plan.adapters`) maps them.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +84,14 @@ def export_adapter(
     iteration: int | None = None,
     plugin: str | None = None,
     merge: bool = False,
+    exclude: Sequence[str] = (),
     overwrite: bool = False,
 ) -> Path:
     """Write the LoRA adapter of the Megatron checkpoint ``ckpt_dir`` as a PEFT directory for the HF
     model ``base``, or with ``merge`` the base checkpoint with the adapter merged into its weights.
     Each linear's alpha comes from ``adapter.json`` beside the checkpoint, else from ``alpha``
-    (Megatron-Bridge keeps it in its run config, as ``peft.alpha``)."""
+    (Megatron-Bridge keeps it in its run config, as ``peft.alpha``). The adapters of linears whose
+    Megatron module name matches a glob of ``exclude`` (e.g. ``mtp.*``) are left out, unread."""
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
     bridge = Bridge.from_hf_pretrained(base, plugin=plugin)
@@ -119,7 +123,7 @@ def export_adapter(
     splits = {False: 1, True: 1}
     for item, param, _ in views:
         module, which = adapted_module(param.name)  # type: ignore[misc]
-        if which != "in" or item.key not in saved_keys:
+        if which != "in" or item.key not in saved_keys or any(fnmatch.fnmatchcase(module, g) for g in exclude):
             continue
         if plan.bindings(module) is None:
             raise BridgeError(f"{module}: the checkpoint holds a LoRA adapter of it, but {plan.why_not(module)}")
@@ -154,6 +158,8 @@ def export_adapter(
                 shards.setdefault(name, {})[shard] = value
     finally:
         saved.close()
+    if not adapted:
+        raise BridgeError(f"{release}: --exclude {' '.join(exclude)} leaves no adapter to export")
     entries = {}
     for module, a in adapted.items():
         weights = {"A": LINEAR_IN, "B": LINEAR_OUT, **({"M": MAGNITUDE} if a.dora else {})}

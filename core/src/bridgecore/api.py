@@ -207,6 +207,7 @@ def export_adapter(
     iteration: int | None = None,
     plugin: str | None = None,
     merge: bool = False,
+    exclude: Sequence[str] = (),
     overwrite: bool = False,
 ) -> Path:
     """Megatron LoRA adapter (Megatron-Bridge's layout, saved at any layout) -> HF PEFT directory for the
@@ -222,6 +223,7 @@ def export_adapter(
         iteration=iteration,
         plugin=plugin,
         merge=merge,
+        exclude=exclude,
         overwrite=overwrite,
     )
 
@@ -238,6 +240,7 @@ def import_adapter(
     """HF PEFT LoRA directory -> Megatron adapter weights (Megatron-Bridge's layout, torch_dist chunked
     for ``layout``) for the HF model ``base``, reading no base weight."""
     check_apart(peft_dir, megatron_dir)
+    check_apart(base, megatron_dir)
     return adapters.import_adapter(
         peft_dir, megatron_dir, hf_checkpoint(base), layout, plugin=plugin, overwrite=overwrite
     )

@@ -175,6 +175,7 @@ def cmd_export_adapter(args: argparse.Namespace) -> int:
         iteration=args.iteration,
         plugin=args.plugin,
         merge=args.merge,
+        exclude=args.exclude,
         overwrite=args.overwrite,
     )
     what = "merged checkpoint" if args.merge else "adapter"
@@ -338,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--iteration", type=int, metavar="N", help="iter_NNNNNNN/ of a training run (default: the tracker's)"
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out the adapters of the Megatron linears matching GLOB (repeatable), e.g. 'mtp.*' for"
+        " a consumer whose model has no MTP head (Megatron-Bridge's --exclude-adapter-base-prefix)",
     )
     p.add_argument(
         "--merge",
