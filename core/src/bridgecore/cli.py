@@ -465,13 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _report(args)
     except KeyboardInterrupt:
-        print(f"bridgecore: error: {_who()}interrupted (Ctrl-C); the output path was left as it was", file=sys.stderr)
+        _error(f"{_who()}interrupted (Ctrl-C); the output path was left as it was")
         return 130
     except Terminated:
-        print(
-            f"bridgecore: error: {_who()}stopped by SIGTERM{_why_stopped()}; the output path was left as it was",
-            file=sys.stderr,
-        )
+        _error(f"{_who()}stopped by SIGTERM{_why_stopped()}; the output path was left as it was")
         return 128 + signal.SIGTERM
     finally:
         if main_thread:
@@ -527,16 +524,22 @@ def _failed(args: argparse.Namespace, exc: Exception) -> int:
     if isinstance(exc, bridgecore.BridgeError):
         if args.traceback:
             raise exc
-        print(f"bridgecore: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     culprit = None if args.traceback else bridgecore.failing_plugin(exc)
     if culprit is None:  # a bug in the core stays a full traceback
         raise exc
     info, where = culprit
     message = " ".join(str(exc).split())[:300]
-    print(
-        f"bridgecore: error: plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
-        f" {type(exc).__name__}: {message}; rerun with --traceback for details",
-        file=sys.stderr,
+    _error(
+        f"plugin {info.name} ({info.distribution} {info.version}) failed at {where}:"
+        f" {type(exc).__name__}: {message}; rerun with --traceback for details"
     )
     return 2
+
+
+def _error(text: str) -> None:
+    """``bridgecore: error: TEXT`` and its newline in one write: print() writes the newline apart, and
+    with unbuffered stderr (PYTHONUNBUFFERED) the ranks' error lines then ran into each other."""
+    sys.stderr.write(f"bridgecore: error: {text}\n")
+    sys.stderr.flush()
