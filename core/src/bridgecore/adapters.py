@@ -201,7 +201,9 @@ def merge_into(bridge: Bridge, adapter: PeftAdapter, out_dir: Path, overwrite: b
                     merged *= (adapter.magnitude[module].float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
                 value = merged.to(value.dtype)
             writer.write(name, value)
-        writer.commit([writer.written()], side_files_from=bridge.hf_dir, overwrite=overwrite)
+        writer.commit(
+            [writer.written()], side_files_from=bridge.hf_dir, overwrite=overwrite, config=bridge.export_config()
+        )
     except BaseException:
         writer.abort()
         raise

@@ -9,6 +9,7 @@ inside its input, and an existing output unless ``overwrite``.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -182,7 +183,9 @@ def export_checkpoint(
     formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
     if quant not in formats:
         raise BridgeError(f"--quant {quant}: no installed plugin offers it; {install_hint('bridgecore-quant')}")
-    # The calibrated export is staged beside the target (same filesystem), on rank 0's choice.
+    # The calibrated export is staged beside the target (same filesystem), on rank 0's choice, with
+    # the block scales of a quantized source it was imported from.
+    bridge.export_scales = True
     rank = parallel.rank()
     made = tempfile.mkdtemp(prefix=temporary_prefix(target, "staging"), dir=target.parent) if rank == 0 else None
     staging = Path(parallel.broadcast_object(made))
@@ -363,6 +366,8 @@ class Inspection:
     unmapped_hf: list[str] = field(default_factory=list)
     gaps: int = 0
     error: BridgeError | None = None
+    #: the checkpoint's quantization, as lines (none when it is not quantized)
+    quantization: list[str] = field(default_factory=list)
 
 
 def inspect(
@@ -373,6 +378,7 @@ def inspect(
     from bridgecore.megatron.params import local_tensors
 
     bridge = open_hf(hf_dir, plugin, say=say)
+    quantization = quantization_summary(bridge)
     c = bridge.config
     fields = [
         (f, getattr(c, f, None))
@@ -399,11 +405,28 @@ def inspect(
             gaps += kind in ("AMBIGUOUS", "NO MAPPING") or marked != hf
             rows.append((name, kind, marked))
         unused = sorted(bridge.hf_keys - used)
-        return Inspection(bridge, fields, rows, unmapped_hf=unused, gaps=gaps, error=err)
+        return Inspection(bridge, fields, rows, unmapped_hf=unused, gaps=gaps, error=err, quantization=quantization)
     rows = [(t.name, type(b.mapping).__name__, b.hf) for t, b in bound]
     used = {n for _, b in bound for n in b.hf}
     kept = len(bridge.conversion.passthrough)
     coverage = f"coverage: {len(bound)} Megatron tensors <- {len(used)} of {len(bridge.hf_keys)} HF tensors" + (
         f"; {kept} kept verbatim (passthrough)" if kept else ""
     )
-    return Inspection(bridge, fields, rows, coverage, waived=waived_report(bridge))
+    return Inspection(bridge, fields, rows, coverage, waived=waived_report(bridge), quantization=quantization)
+
+
+def quantization_summary(bridge: AutoBridge) -> list[str]:
+    """What a quantized checkpoint holds, for ``inspect``: the method, its blocks, and which weights
+    (layer numbers as ``*``)."""
+    q = bridge.quantization
+    if q is None:
+        return []
+    weights = [n.removesuffix("_scale_inv") for n in bridge.scale_names()]
+    kinds = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in weights})
+    dtype = str(bridge.config.params_dtype).removeprefix("torch.")
+    return [
+        f"quantization  FP8 block-scaled (quant_method fp8, e4m3, blocks {q.block[0]}x{q.block[1]},"
+        f" {q.config.get('activation_scheme', 'dynamic')} activations): {len(weights)} weights read dequantized"
+        f" to {dtype}; their scales are kept for export --quant fp8-block",
+        *(f"  {kind}" for kind in kinds),
+    ]

@@ -102,6 +102,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     bridge = found.bridge
     print(f"checkpoint  {args.hf_dir}")
     print(f"plugin      {bridge.plugin.name} ({bridge.plugin.distribution} {bridge.plugin.version})")
+    for line in found.quantization:
+        print(line)
     for name, value in found.fields:
         print(f"  {name:40s} {value}")
     if found.error is not None:
@@ -307,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _layout_args(p)
     p.add_argument("--max-shard-size", help=SHARD_HELP)
-    p.add_argument("--quant", help="also quantize: fp8 or nvfp4 (needs bridgecore-quant)")
+    p.add_argument(
+        "--quant",
+        help="also quantize (needs bridgecore-quant): fp8 or nvfp4 (ModelOpt, from calibrated amax), or fp8-block"
+        " (the FP8 release the model was imported from, its block scales kept)",
+    )
     p.add_argument(
         "--offline",
         action="store_true",

@@ -84,7 +84,7 @@ class AutoBridge(Bridge):
     def save_megatron(self, model: Model, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Save ``model`` as a torch_dist checkpoint Megatron-LM can ``--load`` (all ranks call)."""
         plan = self.conversion_for()
-        save_dist(model, Path(out_dir), self.megatron_meta(), self.hf_dir, overwrite, extra=plan.keep_passthrough)
+        save_dist(model, Path(out_dir), self.megatron_meta(), self.hf_dir, overwrite, extra=plan.keep_beside)
         return Path(out_dir)
 
     def load_megatron(self, model: Model, ckpt_dir: str | Path, iteration: int | None = None) -> None:

@@ -160,7 +160,7 @@ def stream_to_megatron(
                 save_config(CheckpointingConfig(strategy.backend, strategy.version), str(temp / RELEASE))
                 if not common_in_shards():
                     torch.save(common, temp / RELEASE / COMMON_FILE)
-                plan.keep_passthrough(temp)
+                plan.keep_beside(temp)
                 checkpoint.publish(temp, out_dir, bridge.megatron_meta(), bridge.hf_dir, overwrite)
 
             parallel.collective(finish)

@@ -15,6 +15,7 @@ in :mod:`bridgecore.hookspecs`; ``docs/plugins.md`` is the guide.
 - tiny checkpoints: :func:`write_checkpoint`, :func:`random_tensor`;
 - HF files, for plugins that write formats of their own (``export_formats``): :class:`CheckpointReader`,
   :class:`ShardedWriter`, :func:`check_target`, :func:`copy_side_files`, ``DEFAULT_MAX_SHARD_SIZE``;
+  the FP8 block format as the core reads it: :class:`BlockFP8`, :func:`dequantize_blocks`;
 - errors: :class:`BridgeError`, the one-line error every refusal raises.
 
 Names other than ``hookimpl``, ``TransformersModel`` and ``BridgeError`` are imported on first use,
@@ -32,6 +33,7 @@ from bridgecore.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from bridgecore.hf.config import copy_side_files
+    from bridgecore.hf.quantized import BlockFP8, dequantize_blocks
     from bridgecore.hf.reader import CheckpointReader
     from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, check_target
     from bridgecore.mapping import (
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
 
 _MODULES = {
     "bridgecore.hf.config": ("copy_side_files",),
+    "bridgecore.hf.quantized": ("BlockFP8", "dequantize_blocks"),
     "bridgecore.hf.reader": ("CheckpointReader",),
     "bridgecore.hf.writer": ("DEFAULT_MAX_SHARD_SIZE", "ShardedWriter", "check_target"),
     "bridgecore.mapping": (
@@ -91,6 +94,7 @@ _MODULES = {
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
+    "BlockFP8",
     "Broadcast",
     "BridgeError",
     "CheckpointReader",
@@ -118,6 +122,7 @@ __all__ = [
     "TransformersModel",
     "check_target",
     "copy_side_files",
+    "dequantize_blocks",
     "gather_vocab",
     "global_name",
     "gpt_block_spec",

@@ -87,7 +87,7 @@ class CheckpointReader:
         rows (a TP split along dim 0) comes back as its own contiguous tensor, any other as a view of
         that byte range."""
         entry, dtype = self._entry(name), self.dtype(name)
-        index = _normalized(index, entry.shape, f"{self.file_of(name)}: tensor {name!r}")
+        index = normalized_index(index, entry.shape, f"{self.file_of(name)}: tensor {name!r}")
         full = index + tuple(slice(0, size) for size in entry.shape[len(index) :])
         strides = _contiguous_strides(entry.shape)
         kept = [
@@ -150,7 +150,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
     return strides[::-1]
 
 
-def _normalized(index: tuple[slice | int, ...], shape: tuple[int, ...], where: str) -> tuple[slice | int, ...]:
+def normalized_index(index: tuple[slice | int, ...], shape: tuple[int, ...], where: str) -> tuple[slice | int, ...]:
     """`index` with bounds checked: out-of-range selections are mapping bugs, not something to clamp."""
     if len(index) > len(shape):
         raise BridgeError(f"{where}: index {index} has {len(index)} entries for a {len(shape)}-dim tensor")

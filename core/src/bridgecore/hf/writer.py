@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from bridgecore.errors import BridgeError
-from bridgecore.hf.config import copy_side_files
+from bridgecore.hf.config import CONFIG_FILE, copy_side_files
 from bridgecore.hf.dtypes import code_of, data_bytes, layout_rank
 from bridgecore.hf.header import METADATA_KEY, encode_header
 from bridgecore.hf.reader import INDEX_FILE, SINGLE_FILE
@@ -224,9 +224,15 @@ class ShardedWriter:
         return list(self._written)
 
     def commit(
-        self, written_by_all: Iterable[Written], side_files_from: Path | None = None, overwrite: bool = False
+        self,
+        written_by_all: Iterable[Written],
+        side_files_from: Path | None = None,
+        overwrite: bool = False,
+        config: dict[str, Any] | None = None,
     ) -> None:
-        """Verify, finish and move the checkpoint to `out_dir`; `written_by_all` holds every process's `written()`."""
+        """Verify, finish and move the checkpoint to `out_dir`; `written_by_all` holds every process's `written()`.
+
+        `config`, when given, is written as config.json, in place of the side files' copy."""
         temp_dir = self._require_temp_dir()
         check_target(self.out_dir, overwrite)
         self._check_coverage([item for written in written_by_all for item in written])
@@ -238,6 +244,8 @@ class ShardedWriter:
                 _write_index(temp_dir / INDEX_FILE, self.placements, self.index_metadata)
             if side_files_from is not None:
                 copy_side_files(Path(side_files_from), temp_dir)
+            if config is not None:
+                (temp_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             _fsync_dir(temp_dir)
         move_into_place(temp_dir, self.out_dir)
         self.temp_dir = None

@@ -6,6 +6,7 @@ record, safe reads of ``.metadata`` and the common state, and region reads of sa
     <dir>/bridgecore.json                     plugin, config.json, source tensor shapes and dtypes
     <dir>/hf/                                 tokenizer and other side files of the HF checkpoint
     <dir>/passthrough/                        HF tensors a plugin keeps verbatim
+    <dir>/quantized/                          the block scales of a quantized source, as it stored them
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RELEASE = "release"
 META = "bridgecore.json"
 SIDE = "hf"
 PASSTHROUGH = "passthrough"
+QUANTIZED = "quantized"
 #: Where megatron-core keeps a save's common (non-sharded) state: ``common.pt`` (0.16), or this
 #: ShardedObject inside the ``.distcp`` files (0.19, which still reads a ``common.pt`` where it finds one).
 COMMON_FILE = "common.pt"

@@ -250,8 +250,9 @@ def saved_float_dtype(metadata: Any) -> torch.dtype | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def config_dtype(hf_config: dict[str, Any], where: Path) -> torch.dtype:
-    """The floating dtype config.json names (``dtype`` or ``torch_dtype``, top level or text config)."""
+def config_dtype(hf_config: dict[str, Any], where: Path, missing: str | None = None) -> torch.dtype:
+    """The floating dtype config.json names (``dtype`` or ``torch_dtype``, top level or text config);
+    ``missing`` says why one is needed when it names none."""
     text = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), dict) else {}
     for holder in (hf_config, text):
         for key in ("dtype", "torch_dtype"):
@@ -262,8 +263,12 @@ def config_dtype(hf_config: dict[str, Any], where: Path) -> torch.dtype:
                     return dtype
                 raise BridgeError(f"{where}: {key} is {name!r}; expected a floating-point torch dtype name")
     raise BridgeError(
-        f"{where}: names no dtype or torch_dtype and its directory has no safetensors files;"
-        " pass the HF checkpoint directory as --hf-config so the export knows which dtype to write"
+        f"{where}: names no dtype or torch_dtype"
+        + (
+            missing
+            or " and its directory has no safetensors files; pass the HF checkpoint directory as --hf-config"
+            " so the export knows which dtype to write"
+        )
     )
 
 

@@ -20,13 +20,14 @@ import torch
 from bridgecore.casting import exact_cast
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import CONFIG_FILE, read_config, side_files
+from bridgecore.hf.quantized import QUANTIZATION_KEY, BlockFP8, DequantizedReader, detect, without_quantization
 from bridgecore.hf.reader import CheckpointReader
 from bridgecore.hf.values import CORE_KEYS, check_values
 from bridgecore.mapping import Binding, HFPiece, MappingTable
 from bridgecore.megatron import parallel, training
 from bridgecore.megatron.build import build_chunks
 from bridgecore.megatron.config import ModelConfig
-from bridgecore.megatron.dcp import PASSTHROUGH, SIDE, read_meta
+from bridgecore.megatron.dcp import META, PASSTHROUGH, QUANTIZED, SIDE, read_meta
 from bridgecore.megatron.params import LocalTensor, gathered, local_tensors, whole
 from bridgecore.plan.checks import check_against_files, check_sizes
 from bridgecore.plan.conversion import ConversionPlan
@@ -69,6 +70,14 @@ class Bridge:
         self.megatron_keys: frozenset[str] | None = None
         #: the plan this conversion executes (see :meth:`plan_conversion`).
         self.conversion: ConversionPlan | None = None
+        #: the source's quantization when its weights are read dequantized (FP8 blocks; ``hf_config``
+        #: is then the dequantized model's config), and where its block scales are read from: the HF
+        #: checkpoint, or their copy beside a Megatron checkpoint (``quantized/``).
+        self.quantization: BlockFP8 | None = None
+        self.scales: CheckpointReader | None = None
+        #: whether an HF export also writes the kept block scales and ``quantization_config``: the
+        #: input of ``export --quant fp8-block``.
+        self.export_scales = False
 
     @classmethod
     def from_hf_pretrained(
@@ -84,14 +93,17 @@ class Bridge:
         hf_dir = Path(path)
         hf_config = read_config(hf_dir)
         side_files(hf_dir)  # refused now, not at the end of the conversion that would copy them
-        return cls.from_hf_config(
-            hf_config,
+        reader, quantization = _open(hf_dir, hf_config) if weights else (None, None)
+        bridge = cls.from_hf_config(
+            without_quantization(hf_config) if quantization else hf_config,
             hf_dir=hf_dir,
             plugin=plugin,
             plugins=plugins,
             params_dtype=params_dtype,
-            reader=CheckpointReader(hf_dir) if weights else None,
+            reader=reader,
         )
+        bridge._quantized_by(quantization, reader)
+        return bridge
 
     @classmethod
     def from_hf_config(
@@ -153,6 +165,9 @@ class Bridge:
         bridge.hf_dir = side if side.is_dir() else None
         if (ckpt_dir / PASSTHROUGH).is_dir():
             bridge.passthrough_reader = CheckpointReader(ckpt_dir / PASSTHROUGH)
+        if meta.get("quantization") is not None:
+            quantization = BlockFP8.parse(meta["quantization"], str(ckpt_dir / META))
+            bridge._quantized_by(quantization, CheckpointReader(ckpt_dir / QUANTIZED))
         return bridge
 
     @classmethod
@@ -172,7 +187,9 @@ class Bridge:
         elif not path.is_dir():
             raise BridgeError(f"--hf-config {path}: expected a directory holding {CONFIG_FILE}, or that file")
         config = read_config(path)
-        reader = CheckpointReader(path) if any(path.glob("*.safetensors")) else None
+        reader, quantization = _open(path, config) if any(path.glob("*.safetensors")) else (None, None)
+        if quantization:
+            config = without_quantization(config)
         torch_dist = training.torch_dist_dir(ckpt_dir, iteration)
         metadata = training.saved_metadata(torch_dist)
         params_dtype = training.saved_float_dtype(metadata)
@@ -187,12 +204,30 @@ class Bridge:
             source=SourceMeta.of(reader) if reader else None,
         )
         bridge.megatron_keys = frozenset(metadata.state_dict_metadata)
+        bridge._quantized_by(quantization, reader)
         if reader is None:
             bridge.float_dtype = training.config_dtype(config, path / CONFIG_FILE)
         args = training.saved_args(torch_dist)
         if args is not None:
             training.check_args(bridge.config, *args)
         return bridge
+
+    def _quantized_by(self, quantization: BlockFP8 | None, scales: CheckpointReader | None) -> None:
+        self.quantization, self.scales = quantization, scales if quantization else None
+
+    def scale_names(self) -> list[str]:
+        """The kept block scales of a quantized source, in its order."""
+        if self.scales is None:
+            return []
+        return self.scales.scales() if isinstance(self.scales, DequantizedReader) else self.scales.keys()
+
+    def export_config(self) -> dict[str, Any] | None:
+        """The config.json an HF export writes, or None to copy the source's with the side files: the
+        dequantized model's config for a quantized source, with its ``quantization_config`` back when
+        the export keeps the scales."""
+        if self.export_scales and self.quantization:
+            return {**self.hf_config, QUANTIZATION_KEY: self.quantization.config}
+        return self.hf_config if self.quantization or self.hf_dir is None else None
 
     def _leave_out_absent_mtp(self) -> None:
         """Build without the MTP layers config.json declares when the checkpoint holds none of them."""
@@ -315,6 +350,7 @@ class Bridge:
             "hf_config": self.hf_config,
             "source": self.source.to_json() if self.source else [],
             "source_index_metadata": self.source.index_metadata if self.source else None,
+            **({"quantization": self.quantization.config} if self.quantization else {}),
         }
 
     # -- export plan --------------------------------------------------------------------------------
@@ -358,6 +394,20 @@ class Bridge:
                     raise BridgeError(f"{name}: ranks disagree on its shape/dtype: {merged[name]} vs {entry}")
         for name in self.conversion_for().passthrough:
             merged[name] = (self.source.shape(name), self.source.dtype(name))
+        for name in self.scale_names() if self.export_scales else []:
+            merged[name] = (self.scales.shape(name), self.scales.dtype(name))
         order = [k for k in (self.source.tensors if self.source else []) if k in merged]
         order += sorted(set(merged) - set(order))
         return [(name, *merged[name]) for name in order]
+
+
+def _open(hf_dir: Path, hf_config: dict[str, Any]) -> tuple[CheckpointReader, BlockFP8 | None]:
+    """The reader of ``hf_dir``'s weights, dequantizing when ``config.json`` declares a quantization
+    bridgecore reads (any other is refused with one line), and that quantization. Only headers are read."""
+    reader = CheckpointReader(hf_dir)
+    where = hf_dir / CONFIG_FILE
+    quantization = detect(hf_config, hf_dir, {k: reader.dtype(k) for k in reader.keys()}, str(where))
+    if quantization is None:
+        return reader, None
+    dtype = training.config_dtype(hf_config, where, "; expected the dtype its FP8 weights dequantize to")
+    return DequantizedReader(hf_dir, quantization, dtype), quantization

@@ -17,7 +17,6 @@ missed by the other:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, PlanEntry, ShardedWrite
 from bridgecore.mapping import Copies, MappingTable
 from bridgecore.mapping.table import Coverage
 from bridgecore.megatron import parallel
-from bridgecore.megatron.dcp import PASSTHROUGH
+from bridgecore.megatron.dcp import PASSTHROUGH, QUANTIZED
 from bridgecore.megatron.parallel import Layout
 from bridgecore.plugins import Plugins
 
@@ -90,21 +89,12 @@ class ConversionPlan:
         self.waived = sorted(n for n in coverage.waived_hf + coverage.waived_megatron if n not in kept)
         return coverage
 
-    def keep_passthrough(self, ckpt_dir: Path) -> None:
-        """Write the passthrough tensors into ``ckpt_dir``'s ``passthrough/``, beside the Megatron weights."""
-        if not self.passthrough:
-            return
-        source = self.bridge.source
-        writer = ShardedWriter(
-            ckpt_dir / PASSTHROUGH, [(n, source.shape(n), source.dtype(n)) for n in self.passthrough]
-        )
-        writer.create()
-        try:
-            self.copy_passthrough(writer)
-            writer.commit([writer.written()])
-        except BaseException:
-            writer.abort()
-            raise
+    def keep_beside(self, ckpt_dir: Path) -> None:
+        """Write into ``ckpt_dir``, beside the Megatron weights, the passthrough tensors (``passthrough/``)
+        and a quantized source's block scales (``quantized/``)."""
+        bridge = self.bridge
+        _keep(ckpt_dir / PASSTHROUGH, self.passthrough, bridge.source, self.copy_passthrough)
+        _keep(ckpt_dir / QUANTIZED, bridge.scale_names(), bridge.scales, self.copy_scales)
 
     def write_hf(
         self,
@@ -135,6 +125,8 @@ class ConversionPlan:
                 write(writer, copies)
                 if rank == 0:
                     self.copy_passthrough(writer)
+                    if self.bridge.export_scales:
+                        self.copy_scales(writer)
 
             parallel.collective(share)
             written = parallel.all_gather_objects(writer.written())
@@ -145,10 +137,9 @@ class ConversionPlan:
                 if rank != 0:
                     return
                 Copies.check(digests)
-                if self.bridge.hf_dir is None:
-                    text = json.dumps(self.bridge.hf_config, indent=2) + "\n"
-                    (Path(writer.temp_dir) / "config.json").write_text(text)
-                writer.commit(written, side_files_from=self.bridge.hf_dir, overwrite=overwrite)
+                writer.commit(
+                    written, side_files_from=self.bridge.hf_dir, overwrite=overwrite, config=self.bridge.export_config()
+                )
 
             parallel.collective(commit)
         except BaseException:
@@ -169,6 +160,11 @@ class ConversionPlan:
         for name in self.passthrough:
             writer.write(name, reader.read(name, ()))
 
+    def copy_scales(self, writer: ShardedWriter) -> None:
+        """Copy a quantized source's block scales unchanged into ``writer``."""
+        for name in self.bridge.scale_names():
+            writer.write(name, self.bridge.scales.read(name, ()))
+
     def hf_writer(
         self, out_dir: Path, entries: Sequence[PlanEntry], max_shard_size: int | None, temp_dir: Path | None = None
     ) -> ShardedWriter:
@@ -187,3 +183,17 @@ class ConversionPlan:
 def _literal(name: str) -> str:
     """A glob matching exactly ``name``, even when it holds glob characters."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _keep(out_dir: Path, names: list[str], source: Any, copy: Callable[[ShardedWriter], None]) -> None:
+    """The tensors ``names`` of ``source``, written by ``copy`` as an HF checkpoint ``out_dir``; none: nothing."""
+    if not names:
+        return
+    writer = ShardedWriter(out_dir, [(n, source.shape(n), source.dtype(n)) for n in names])
+    writer.create()
+    try:
+        copy(writer)
+        writer.commit([writer.written()])
+    except BaseException:
+        writer.abort()
+        raise

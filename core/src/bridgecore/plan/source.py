@@ -36,9 +36,11 @@ class SourceMeta:
         # The reader has validated the index: it names exactly the tensors of the files.
         document = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else None
         metadata = document.get("metadata") if document else None
+        tensors = {k: (tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()}
         return cls(
-            {k: (tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()},
-            {k: reader.file_of(k).name for k in (document["weight_map"] if document else reader.keys())},
+            tensors,
+            # a reader may hide tensors it applies to others (a quantized weight's scales)
+            {k: reader.file_of(k).name for k in (document["weight_map"] if document else tensors) if k in tensors},
             metadata if isinstance(metadata, dict) else None,
         )
 

@@ -24,9 +24,18 @@ _EXPORTS = {
     "attach_quantizers": "bridgecore_quant.state",
     "export_fp8": "bridgecore_quant.formats",
     "export_nvfp4": "bridgecore_quant.formats",
+    "export_fp8_block": "bridgecore_quant.formats",
 }
 
-__all__ = ["Amax", "QuantizerState", "amax_mappings", "attach_quantizers", "export_fp8", "export_nvfp4"]
+__all__ = [
+    "Amax",
+    "QuantizerState",
+    "amax_mappings",
+    "attach_quantizers",
+    "export_fp8",
+    "export_fp8_block",
+    "export_nvfp4",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -86,6 +95,6 @@ def _rank() -> int:
 
 @hookimpl
 def export_formats() -> dict[str, Any]:
-    from bridgecore_quant.formats import export_fp8, export_nvfp4
+    from bridgecore_quant.formats import export_fp8, export_fp8_block, export_nvfp4
 
-    return {"fp8": export_fp8, "nvfp4": export_nvfp4}
+    return {"fp8": export_fp8, "nvfp4": export_nvfp4, "fp8-block": export_fp8_block}

@@ -1,4 +1,5 @@
-"""Deployable checkpoints from a calibrated HF checkpoint: ``bridgecore export --quant fp8|nvfp4``.
+"""Deployable checkpoints from a calibrated HF checkpoint: ``bridgecore export --quant fp8|nvfp4``,
+and the FP8 block format of FP8 releases: ``--quant fp8-block`` (see :func:`export_fp8_block`).
 
 The source is an HF checkpoint whose quantized linears ``<m>`` carry ``<m>.weight_quantizer._amax``
 and ``<m>.input_quantizer._amax`` (what bridgecore exports from a Megatron model with quantizer
@@ -28,6 +29,7 @@ import torch
 
 from bridgecore.plugin import (
     DEFAULT_MAX_SHARD_SIZE,
+    BlockFP8,
     BridgeError,
     CheckpointReader,
     ShardedWriter,
@@ -361,6 +363,12 @@ def export(
     check_target(out_dir, overwrite)
     with CheckpointReader(src_dir) as reader:
         keys = reader.keys()
+        blocks = next((k for k in keys if k.endswith(BLOCK_SCALE)), None)
+        if blocks is not None:
+            raise BridgeError(
+                f"{src_dir}: holds FP8 block scales ({blocks}) of an FP8 release; --quant {fmt} starts from"
+                " calibrated amax, --quant fp8-block writes the release's own format"
+            )
         quantized = _quantized_modules(reader, keys)
         if not quantized:
             raise BridgeError(
@@ -405,3 +413,67 @@ def export_nvfp4(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     return export("nvfp4", src_dir, out_dir, overwrite, max_shard_size)
+
+
+BLOCK_SCALE = ".weight_scale_inv"
+
+
+def export_fp8_block(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """The FP8 block-scaled checkpoint (an FP8 release's format) of ``src_dir``: the export of a model
+    imported from such a release, which keeps its ``quantization_config`` and block scales
+    (``<m>.weight_scale_inv``). Each ``<m>`` with kept scales is quantized again: blocks whose weights
+    are unchanged keep their scales (so an unchanged import reproduces the release bit for bit), other
+    blocks get ``amax / 448`` (:func:`numerics.fp8_block_quantize`); every other tensor is copied."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    check_target(out_dir, overwrite)
+    config = json.loads((src_dir / "config.json").read_text())
+    if "quantization_config" not in config:
+        raise BridgeError(
+            "--quant fp8-block writes the format of the FP8 release a model was imported from, and this model"
+            " has none; import from the FP8 release (or export with --hf-config <the release>)"
+        )
+    quantization = BlockFP8.parse(config["quantization_config"], f"{src_dir / 'config.json'}")
+    with CheckpointReader(src_dir) as reader:
+        keys = reader.keys()
+        scales = {k.removesuffix(BLOCK_SCALE): k for k in keys if k.endswith(BLOCK_SCALE)}
+        for module, scale in scales.items():
+            weight = f"{module}.weight"
+            if weight not in reader or quantization.scale_shape(tuple(reader.shape(weight))) != reader.shape(scale):
+                raise BridgeError(f"{scale}: kept block scales without a weight {weight} of the matching shape")
+
+        def planned() -> Planned:
+            for key in keys:
+                quantized = key.endswith(".weight") and module_of(key) in scales
+                yield key, tuple(reader.shape(key)), torch.float8_e4m3fn if quantized else reader.dtype(key)
+
+        def converted() -> Tensors:
+            for key in keys:
+                if key.endswith(BLOCK_SCALE):
+                    continue  # written with its weight
+                value = reader.read(key, ())
+                if not (key.endswith(".weight") and module_of(key) in scales):
+                    yield key, value
+                    continue
+                if not bool(value.isfinite().all()):
+                    raise BridgeError(f"{key}: holds NaN or infinite values; FP8 blocks cannot represent them")
+                kept = reader.read(scales[module_of(key)], ())
+                codes, block_scales = numerics.fp8_block_quantize(value, kept, quantization.block, kept.dtype)
+                yield key, codes
+                yield scales[module_of(key)], block_scales
+
+        writer = ShardedWriter(out_dir, list(planned()), max_shard_size)
+        temp_dir = writer.create()
+        try:
+            for name, tensor in converted():
+                writer.write(name, tensor)
+            copy_side_files(src_dir, temp_dir)
+            writer.commit([writer.written()], overwrite=overwrite)
+        except BaseException:
+            writer.abort()
+            raise
+    return out_dir

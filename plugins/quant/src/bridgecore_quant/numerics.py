@@ -1,4 +1,5 @@
-"""FP8 (E4M3) per-tensor and NVFP4 (E2M1, 16-wide blocks) quantization from calibrated amax.
+"""FP8 (E4M3) per-tensor and NVFP4 (E2M1, 16-wide blocks) quantization from calibrated amax, and
+FP8 block-scaled quantization (the format of FP8 releases) from kept block scales.
 
 The scales follow ModelOpt's deployable export: FP8 ``scale = amax / 448``; NVFP4
 ``scale_2 = amax / (6 * 448)``, per-block ``scale = block_amax / (6 * scale_2)`` stored as E4M3, and
@@ -9,6 +10,8 @@ Leading dims are batch dims: a stacked ``[E, out, in]`` weight takes an ``[E]`` 
 from __future__ import annotations
 
 import torch
+
+from bridgecore.plugin import dequantize_blocks
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
@@ -73,3 +76,38 @@ def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, scale_2: t
     blocks = values.unflatten(-1, (values.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK))
     scale = block_scale.float() * _per_leading(scale_2.float(), block_scale.dim())
     return (blocks * scale.unsqueeze(-1)).flatten(-2)
+
+
+def _blocks(x: torch.Tensor, block: tuple[int, int], fill: float | bool) -> torch.Tensor:
+    """``x`` [..., rows, cols] padded with ``fill`` to whole blocks, as [..., R, bm, C, bn]."""
+    rows, cols = x.shape[-2:]
+    pad_rows, pad_cols = -rows % block[0], -cols % block[1]
+    padded = torch.nn.functional.pad(x, (0, pad_cols, 0, pad_rows), value=fill) if pad_rows or pad_cols else x
+    return padded.unflatten(-1, (-1, block[1])).unflatten(-3, (-1, block[0]))
+
+
+def _spread(scales: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    spread = scales.float().repeat_interleave(block[0], dim=-2)[..., : shape[-2], :]
+    return spread.repeat_interleave(block[1], dim=-1)[..., : shape[-1]]
+
+
+def fp8_block_quantize(
+    weight: torch.Tensor, kept: torch.Tensor | None, block: tuple[int, int], scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 weight, block scales ``weight_scale_inv`` [..., ceil(rows/bm), ceil(cols/bn)] in ``scale_dtype``).
+
+    A block whose values are exactly what its ``kept`` scale dequantizes to (the bridgecore reader's
+    arithmetic: E4M3 times scale in float32, rounded to the weight's dtype) keeps that scale, so an
+    unchanged import exports its release bit for bit; any other block (trained weights, or no kept
+    scales) gets ``amax / 448`` of its own values, rounded to ``scale_dtype`` (an all-zero block: 1).
+    Quotients saturate at ±448."""
+    w = weight.float()
+    amax = _blocks(w.abs(), block, 0.0).amax(dim=(-3, -1))
+    fresh = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype)
+    scales = fresh
+    if kept is not None:
+        codes = (w / _spread(kept, block, w.shape)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        same = dequantize_blocks(codes, kept, block, weight.dtype) == weight
+        scales = torch.where(_blocks(same, block, True).all(dim=-3).all(dim=-1), kept.to(scale_dtype), fresh)
+    codes = (w / _spread(scales, block, w.shape)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scales
