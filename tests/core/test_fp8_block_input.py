@@ -108,6 +108,7 @@ def test_every_slice_reads_only_its_blocks_and_equals_the_whole(
         (FP8, {"proj.weight_scale_inv": torch.ones(2, 3, dtype=torch.uint8)}, r"torch.uint8; expected float scales"),
         (FP8, {"other.weight": torch.ones(16, 16).to(torch.float8_e5m2)}, "float8_e5m2; an FP8 block checkpoint"),
         (FP8, {"bias": torch.ones(16).to(torch.float8_e4m3fn)}, "expected a quantized linear's .weight"),
+        (FP8, {"experts.weight": None, "experts.weight_scale_inv": None, "proj.weight": None, "proj.weight_scale_inv": None}, "declares FP8 blocks .* but no tensor is float8_e4m3fn"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_quantizations_not_read_are_refused_by_name(

@@ -141,6 +141,13 @@ def test_in_memory_import_at_tp2_keeps_the_scales_too(tmp_path: Path) -> None:
     exact(tmp_path / "release", tmp_path / "again")
 
 
+def test_roundtrip_of_a_release_compares_it_in_its_own_format(tmp_path: Path) -> None:
+    make_release("step37", tmp_path / "release")
+    out = ok("roundtrip", tmp_path / "release", "--keep", tmp_path / "again")
+    assert "tensors identical: bit-exact" in out, out
+    exact(tmp_path / "release", tmp_path / "again")
+
+
 def test_a_changed_block_gets_a_fresh_scale_and_the_others_keep_theirs() -> None:
     weight = (torch.randn(48, 40, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
     codes, kept = numerics.fp8_block_quantize(weight, None, (16, 16), torch.float32)

@@ -20,11 +20,12 @@ from typing import Any
 from bridgecore import adapters
 from bridgecore.compare import LogitsParity, Report, compare_checkpoints, nonfinite
 from bridgecore.errors import BridgeError
+from bridgecore.hf.quantized import BlockFP8
 from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, leftover_temporaries, temporary_prefix
 from bridgecore.megatron import parallel
 from bridgecore.megatron.dcp import META, RELEASE
 from bridgecore.megatron.parallel import Layout
-from bridgecore.memory import AutoBridge
+from bridgecore.memory import AutoBridge, Model
 from bridgecore.offline import stream_to_hf, stream_to_megatron
 from bridgecore.plugins import install_hint
 
@@ -178,6 +179,20 @@ def export_checkpoint(
         bridge = AutoBridge.from_megatron_checkpoint(megatron_dir, plugin=plugin)
     model = bridge.to_megatron_model(layout or Layout(), load_weights=False)
     bridge.load_megatron(model, megatron_dir, iteration=iteration)
+    return save_hf(bridge, model, target, quant=quant, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def save_hf(
+    bridge: AutoBridge,
+    model: Model,
+    target: Path,
+    *,
+    quant: str | None = None,
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``model`` as the HF checkpoint ``target``, in the ``quant`` format of an installed plugin when given
+    (all ranks call)."""
     if not quant:
         return bridge.save_hf_pretrained(model, target, max_shard_size=max_shard_size, overwrite=overwrite)
     formats = {k: v for d in bridge.plugins.call_all("export_formats") for k, v in (d or {}).items()}
@@ -271,7 +286,9 @@ def roundtrip(
     )
     try:
         out = Path(keep) if keep else work / "hf"
-        bridge.save_hf_pretrained(model, out, max_shard_size=max_shard_size, overwrite=bool(keep) and overwrite)
+        # a quantized release is compared with its own format written again
+        quant = BlockFP8.FORMAT if bridge.quantization else None
+        save_hf(bridge, model, out, quant=quant, max_shard_size=max_shard_size, overwrite=bool(keep) and overwrite)
         if parallel.rank() != 0:
             return None
         return compare_checkpoints(Path(bridge.hf_dir), out)

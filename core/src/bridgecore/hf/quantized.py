@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,6 +44,9 @@ SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass(frozen=True)
 class BlockFP8:
     """An FP8 block-scaled checkpoint's quantization: the block and the ``quantization_config`` as read."""
+
+    #: the ``export --quant`` format that writes it again (bridgecore-quant)
+    FORMAT: ClassVar[str] = "fp8-block"
 
     block: tuple[int, int]
     config: dict[str, Any]
@@ -137,6 +140,10 @@ class DequantizedReader:
         self._scales = {scale_name(k): k for k in self.raw.keys() if self.raw.dtype(k) == torch.float8_e4m3fn}
         for name in self.raw.keys():
             self._check(name)
+        if not self._scales:
+            raise BridgeError(
+                f"{self.hf_dir}: config.json declares FP8 blocks (quant_method fp8), but no tensor is float8_e4m3fn"
+            )
 
     def _check(self, name: str) -> None:
         raw = self.raw

@@ -95,6 +95,7 @@ def _rank() -> int:
 
 @hookimpl
 def export_formats() -> dict[str, Any]:
+    from bridgecore.plugin import BlockFP8
     from bridgecore_quant.formats import export_fp8, export_fp8_block, export_nvfp4
 
-    return {"fp8": export_fp8, "nvfp4": export_nvfp4, "fp8-block": export_fp8_block}
+    return {"fp8": export_fp8, "nvfp4": export_nvfp4, BlockFP8.FORMAT: export_fp8_block}
