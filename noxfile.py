@@ -97,6 +97,9 @@ TEST_TOOLS = [
     "import-linter==2.17",
     # tests/adapters: LoRA adapters made and loaded by peft itself (the newest release; it brings accelerate)
     "peft==0.21.2",
+    # tests/quant: compressed-tensors FP8 checkpoints made and decompressed by the library itself (the
+    # newest release; it adds only loguru to the rest of the set)
+    "compressed-tensors==0.20.1",
 ]
 
 #: plugin -> (local distributions it needs, besides the core, and its test folders). Each is installed

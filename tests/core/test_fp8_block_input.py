@@ -92,7 +92,7 @@ def test_every_slice_reads_only_its_blocks_and_equals_the_whole(
         ({"quant_method": "gptq", "bits": 4}, None, 'quant_method "gptq" is not a quantization bridgecore reads'),
         ({"quant_method": "awq"}, None, 'quant_method "awq"'),
         ({"quant_method": "mxfp4"}, None, 'quant_method "mxfp4"'),
-        ({"quant_method": "compressed-tensors"}, None, 'quant_method "compressed-tensors"'),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, None, 'compressed-tensors format "pack-quantized" is not read'),  # noqa: E501
         ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, None, 'quant_method "modelopt"'),
         ({"bits": 8}, None, "quantization_config without quant_method"),
         ({**FP8, "scale_fmt": "ue8m0"}, None, r"quantization_config.scale_fmt = \"ue8m0\" is not understood"),
@@ -102,13 +102,13 @@ def test_every_slice_reads_only_its_blocks_and_equals_the_whole(
         ({**FP8, "weight_block_size": None}, None, "weight_block_size is null; expected two positive integers"),
         ({**FP8, "weight_block_size": [128]}, None, r"weight_block_size is \[128\]"),
         (None, None, "declares no quantization_config, but tensor 'experts.weight' is torch.float8_e4m3fn"),
-        (FP8, {"proj.weight_scale_inv": None}, "float8_e4m3fn without its block scales 'proj.weight_scale_inv'"),
-        (FP8, {"proj.weight_scale_inv": torch.ones(2, 2)}, r"\[2, 2\], but 'proj.weight' \[32, 48\] in .* needs scales of shape \[2, 3\]"),  # noqa: E501
-        (FP8, {"norm.weight_scale_inv": torch.ones(1, 1)}, "but 'norm.weight' is not a float8_e4m3fn weight"),
+        (FP8, {"proj.weight_scale_inv": None}, "float8_e4m3fn without its scales 'proj.weight_scale_inv'"),
+        (FP8, {"proj.weight_scale_inv": torch.ones(2, 2)}, r"shape \[2, 2\], but 'proj.weight' \[32, 48\] needs scales of shape \[2, 3\]"),  # noqa: E501
+        (FP8, {"norm.weight_scale_inv": torch.ones(1, 1)}, "a weight scale, but 'norm.weight' is not a float8_e4m3fn weight"),  # noqa: E501
         (FP8, {"proj.weight_scale_inv": torch.ones(2, 3, dtype=torch.uint8)}, r"torch.uint8; expected float scales"),
-        (FP8, {"other.weight": torch.ones(16, 16).to(torch.float8_e5m2)}, "float8_e5m2; an FP8 block checkpoint"),
+        (FP8, {"other.weight": torch.ones(16, 16).to(torch.float8_e5m2)}, "float8_e5m2; an FP8 checkpoint holds float8_e4m3fn"),  # noqa: E501
         (FP8, {"bias": torch.ones(16).to(torch.float8_e4m3fn)}, "expected a quantized linear's .weight"),
-        (FP8, {"experts.weight": None, "experts.weight_scale_inv": None, "proj.weight": None, "proj.weight_scale_inv": None}, "declares FP8 blocks .* but no tensor is float8_e4m3fn"),  # noqa: E501
+        (FP8, {"experts.weight": None, "experts.weight_scale_inv": None, "proj.weight": None, "proj.weight_scale_inv": None}, r"declares FP8 block-scaled \(.*\), but no weight is float8_e4m3fn"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_quantizations_not_read_are_refused_by_name(

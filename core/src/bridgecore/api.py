@@ -20,7 +20,6 @@ from typing import Any
 from bridgecore import adapters
 from bridgecore.compare import LogitsParity, Report, compare_checkpoints, nonfinite
 from bridgecore.errors import BridgeError
-from bridgecore.hf.quantized import BlockFP8
 from bridgecore.hf.writer import DEFAULT_MAX_SHARD_SIZE, leftover_temporaries, temporary_prefix
 from bridgecore.megatron import parallel
 from bridgecore.megatron.dcp import META, RELEASE
@@ -278,6 +277,13 @@ def roundtrip(
     the other ranks). The export is kept in ``keep`` if given, else discarded."""
     if keep is not None and bridge.hf_dir is not None:
         check_apart(bridge.hf_dir, keep)
+    # a quantized release is compared with its own format written again
+    quant = bridge.quantization.FORMAT if bridge.quantization else None
+    if bridge.quantization and quant is None:
+        raise BridgeError(
+            f"{bridge.hf_dir}: {bridge.quantization.describe()} is read, not written, by bridgecore, so a round"
+            " trip cannot give it back; compare its plain export's logits with `bridgecore verify` instead"
+        )
     model = bridge.to_megatron_model(layout or Layout(), allow_unmapped=allow_unmapped)
     for line in waived_report(bridge):
         say(line)
@@ -286,8 +292,6 @@ def roundtrip(
     )
     try:
         out = Path(keep) if keep else work / "hf"
-        # a quantized release is compared with its own format written again
-        quant = BlockFP8.FORMAT if bridge.quantization else None
         save_hf(bridge, model, out, quant=quant, max_shard_size=max_shard_size, overwrite=bool(keep) and overwrite)
         if parallel.rank() != 0:
             return None
@@ -438,12 +442,11 @@ def quantization_summary(bridge: AutoBridge) -> list[str]:
     q = bridge.quantization
     if q is None:
         return []
-    weights = [n.removesuffix("_scale_inv") for n in bridge.scale_names()]
+    weights = [n.removesuffix(q.SCALE) + "weight" for n in bridge.scale_names()]
     kinds = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in weights})
     dtype = str(bridge.config.params_dtype).removeprefix("torch.")
     return [
-        f"quantization  FP8 block-scaled (quant_method fp8, e4m3, blocks {q.block[0]}x{q.block[1]},"
-        f" {q.config.get('activation_scheme', 'dynamic')} activations): {len(weights)} weights read dequantized"
-        f" to {dtype}; their scales are kept for export --quant fp8-block",
+        f"quantization  {q.describe()}: {len(weights)} weights read dequantized to {dtype}"
+        + (f"; their scales are kept for export --quant {q.FORMAT}" if q.FORMAT else ""),
         *(f"  {kind}" for kind in kinds),
     ]

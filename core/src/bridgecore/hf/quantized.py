@@ -1,15 +1,19 @@
-"""Quantized HF checkpoints as input: detection from ``config.json``, and FP8 block-scaled weights
-read dequantized.
+"""Quantized HF checkpoints as input: detection from ``config.json``, and FP8 weights read dequantized.
 
-The one quantization read is the FP8 block-scaled release format (DeepSeek-V3, Qwen3.5/3.6 ``-FP8``):
-``config.json`` holds ``quantization_config`` ``{"quant_method": "fp8", "fmt": "e4m3",
-"activation_scheme": "dynamic", "weight_block_size": [bm, bn], "modules_to_not_convert": [...]}``
-and each quantized ``<m>.weight`` [..., rows, cols] is ``float8_e4m3fn`` with a float
-``<m>.weight_scale_inv`` [..., ceil(rows/bm), ceil(cols/bn)]: element (i, j) is
-``weight[i, j] * weight_scale_inv[i // bm, j // bn]``. :class:`DequantizedReader` presents every
-such weight as that product, computed in float32 and rounded once to the model's dtype (the order of
-transformers' ``Fp8Dequantize``), and reads only the blocks a slice touches. Every other
-quantization is refused by name, with what is supported.
+Two formats are read, each weight ``<m>.weight`` [..., rows, cols] in ``float8_e4m3fn`` with float
+scales, element (i, j) being ``weight[i, j] * scale[i // bm, j // bn]`` for the format's block (bm, bn):
+
+- FP8 block-scaled releases (DeepSeek-V3, Qwen3.5/3.6 ``-FP8``): ``quantization_config``
+  ``{"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [bm, bn]}``,
+  scales ``<m>.weight_scale_inv`` [..., ceil(rows/bm), ceil(cols/bn)]; the product is computed in
+  float32 and rounded once to the model's dtype (transformers' ``Fp8Dequantize``).
+- compressed-tensors ``float-quantized`` FP8 (llm-compressor's ``FP8`` / ``FP8_DYNAMIC`` schemes):
+  ``quant_method: compressed-tensors``, scales ``<m>.weight_scale`` per tensor ([1]), per output
+  channel ([rows, 1]) or per block; the product is computed in the scale's dtype and then rounded to
+  the model's (the library's ``dequantize``).
+
+:class:`DequantizedReader` presents every such weight as that product and reads only the blocks a
+slice touches. Every other quantization is refused by name, with what is supported.
 """
 
 from __future__ import annotations
@@ -28,44 +32,90 @@ from bridgecore.hf.reader import CheckpointReader, normalized_index
 QUANTIZATION_KEY = "quantization_config"
 #: ModelOpt's own description of a real-quant export, beside config.json.
 MODELOPT_FILE = "hf_quant_config.json"
-SCALE_SUFFIX = "weight_scale_inv"
-SUPPORTED = 'FP8 block-scaled weights (quant_method "fp8", fmt "e4m3", float weight_scale_inv per block)'
-#: the keys of an FP8 block quantization_config that bridgecore understands; any other is refused,
-#: since it may change what the stored bytes mean
-FP8_KEYS = frozenset(
-    {"quant_method", "fmt", "activation_scheme", "weight_block_size", "modules_to_not_convert", "ignored_layers"}
+SUPPORTED = (
+    'FP8 weights with float scales: FP8 blocks (quant_method "fp8", weight_scale_inv) and compressed-tensors'
+    ' "float-quantized" (weight_scale per tensor, channel or block)'
 )
-#: keys transformers' FineGrainedFP8Config knows but whose formats are not read here, with the value
-#: that means the plain format
-FP8_PLAIN = {"scale_fmt": "float", "expert_dtype": "fp8"}
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _object(config: Any, where: str, key: str) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise BridgeError(f"{where}: {key} is {json.dumps(config)[:60]}; expected an object")
+    return config
+
+
+def _refuse_unknown(config: dict[str, Any], known: set[str], plain: dict[str, Any], where: str, key: str) -> None:
+    """Refuse a key outside ``known`` unless it holds its ``plain`` value: it may change what the bytes mean."""
+    unknown = sorted(k for k in config if k not in known and config[k] != plain.get(k, object()))
+    if unknown:
+        raise BridgeError(
+            f"{where}: {key}.{unknown[0]} = {json.dumps(config[unknown[0]])[:60]} is not understood; it may change"
+            f" what the stored bytes mean, so the checkpoint is refused (bridgecore reads {SUPPORTED})"
+        )
+
+
+def _block(value: Any, where: str, key: str) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(type(b) is int and b > 0 for b in value)):
+        raise BridgeError(f"{where}: {key} is {json.dumps(value)}; expected two positive integers")
+    return value[0], value[1]
+
+
+def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
+
+
 @dataclass(frozen=True)
-class BlockFP8:
-    """An FP8 block-scaled checkpoint's quantization: the block and the ``quantization_config`` as read."""
+class Quantization:
+    """A checkpoint's FP8 weight quantization: the ``quantization_config`` as read, and per format the
+    scales' name, which blocks they scale, and the dtype the product is computed in."""
 
-    #: the ``export --quant`` format that writes it again (bridgecore-quant)
-    FORMAT: ClassVar[str] = "fp8-block"
-
-    block: tuple[int, int]
+    #: the ``export --quant`` format that writes it again (bridgecore-quant), None when none does
+    FORMAT: ClassVar[str | None] = None
+    #: the suffix that names a weight's scales in place of ``weight``
+    SCALE: ClassVar[str] = ""
     config: dict[str, Any]
+
+    def block_of(self, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The block each scale of ``weight_shape`` covers, or None when ``scale_shape`` is not one of its grids."""
+        raise NotImplementedError
+
+    def grids(self, weight_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The scale shapes this format allows for ``weight_shape``, for the error that names them."""
+        raise NotImplementedError
+
+    def compute_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def scale_name(self, weight: str) -> str:
+        return weight.removesuffix("weight") + self.SCALE
+
+
+@dataclass(frozen=True)
+class BlockFP8(Quantization):
+    """FP8 block-scaled releases: ``weight_scale_inv`` per ``block``."""
+
+    FORMAT: ClassVar[str | None] = "fp8-block"
+    SCALE: ClassVar[str] = "weight_scale_inv"
+    #: keys transformers' FineGrainedFP8Config knows, with the value that means the format read here
+    PLAIN: ClassVar[dict[str, Any]] = {"scale_fmt": "float", "expert_dtype": "fp8"}
+    KEYS: ClassVar[set[str]] = {
+        "quant_method",
+        "fmt",
+        "activation_scheme",
+        "weight_block_size",
+        "modules_to_not_convert",
+        "ignored_layers",
+    }
+    block: tuple[int, int] = (128, 128)
 
     @classmethod
     def parse(cls, config: Any, where: str) -> BlockFP8:
-        if not isinstance(config, dict):
-            raise BridgeError(f"{where}: {QUANTIZATION_KEY} is {json.dumps(config)[:60]}; expected an object")
-        method = config.get("quant_method")
-        if method != "fp8":
-            what = f'quant_method "{method}"' if isinstance(method, str) else f"{QUANTIZATION_KEY} without quant_method"
-            raise BridgeError(f"{where}: {what} is not a quantization bridgecore reads; it reads {SUPPORTED}")
-        unknown = sorted(k for k in config if k not in FP8_KEYS and config[k] != FP8_PLAIN.get(k, object()))
-        if unknown:
-            key = unknown[0]
-            raise BridgeError(
-                f"{where}: {QUANTIZATION_KEY}.{key} = {json.dumps(config[key])[:60]} is not understood; it may change"
-                f" what the stored bytes mean, so the checkpoint is refused (bridgecore reads {SUPPORTED})"
-            )
+        config = _object(config, where, QUANTIZATION_KEY)
+        _refuse_unknown(config, cls.KEYS, cls.PLAIN, where, QUANTIZATION_KEY)
         if config.get("fmt", "e4m3") != "e4m3":
             raise BridgeError(f'{where}: {QUANTIZATION_KEY}.fmt "{config["fmt"]}"; bridgecore reads "e4m3" only')
         scheme = config.get("activation_scheme", "dynamic")
@@ -74,22 +124,158 @@ class BlockFP8:
                 f'{where}: {QUANTIZATION_KEY}.activation_scheme "{scheme}" (static input scales) is not read;'
                 ' expected "dynamic"'
             )
-        block = config.get("weight_block_size")
-        if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
-            raise BridgeError(
-                f"{where}: {QUANTIZATION_KEY}.weight_block_size is {json.dumps(block)}; expected two positive"
-                " integers (per-tensor FP8 without blocks is not read)"
-            )
-        return cls((block[0], block[1]), dict(config))
+        block = _block(config.get("weight_block_size"), where, f"{QUANTIZATION_KEY}.weight_block_size")
+        return cls(dict(config), block)
+
+    def block_of(self, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        return self.block if tuple(scale_shape) == _grid(weight_shape, self.block) else None
+
+    def grids(self, weight_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        return [_grid(weight_shape, self.block)]
 
     def scale_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return _grid(weight_shape, self.block)
+
+    def describe(self) -> str:
+        scheme = self.config.get("activation_scheme", "dynamic")
+        return (
+            f"FP8 block-scaled (quant_method fp8, e4m3, blocks {self.block[0]}x{self.block[1]}, {scheme} activations)"
+        )
+
+
+@dataclass(frozen=True)
+class CompressedFP8(Quantization):
+    """compressed-tensors ``float-quantized`` FP8: ``weight_scale`` per tensor, output channel or block."""
+
+    SCALE: ClassVar[str] = "weight_scale"
+    KEYS: ClassVar[set[str]] = {
+        "quant_method",
+        "format",
+        "quantization_status",
+        "config_groups",
+        "ignore",
+        "global_compression_ratio",
+        "version",
+    }
+    PLAIN: ClassVar[dict[str, Any]] = {
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "moe_sparsity_config": None,
+        "transform_config": None,
+    }
+    #: the weight arguments that say nothing about the stored bytes (calibration settings), and those
+    #: that must hold the value of the format read here
+    WEIGHT_KEYS: ClassVar[set[str]] = {"num_bits", "type", "strategy", "block_structure", "observer", "observer_kwargs"}
+    WEIGHT_PLAIN: ClassVar[dict[str, Any]] = {
+        "symmetric": True,
+        "dynamic": False,
+        "group_size": None,
+        "actorder": None,
+        "zp_dtype": None,
+        "scale_dtype": None,
+    }
+    STRATEGIES: ClassVar[tuple[str, ...]] = ("tensor", "channel", "block")
+    #: the strategy of each config group's weights: "tensor", "channel", or a (bm, bn) block
+    strategies: tuple[str | tuple[int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, config: Any, where: str) -> CompressedFP8:
+        key = QUANTIZATION_KEY
+        config = _object(config, where, key)
+        if config.get("format") != "float-quantized":
+            raise BridgeError(
+                f"{where}: compressed-tensors format {json.dumps(config.get('format'))} is not read; bridgecore reads"
+                ' "float-quantized" (FP8 weights)'
+            )
+        _refuse_unknown(config, cls.KEYS, cls.PLAIN, where, key)
+        if config.get("quantization_status", "compressed") != "compressed":
+            raise BridgeError(
+                f'{where}: {key}.quantization_status "{config["quantization_status"]}"; expected "compressed"'
+                " (weights stored quantized)"
+            )
+        groups = _object(config.get("config_groups"), where, f"{key}.config_groups")
+        strategies: list[str | tuple[int, int]] = []
+        for name, group in groups.items():
+            at = f"{key}.config_groups.{name}"
+            group = _object(group, where, at)
+            _refuse_unknown(
+                group, {"targets", "weights", "input_activations", "format"}, {"output_activations": None}, where, at
+            )
+            if group.get("format") not in (None, "float-quantized"):  # None: the checkpoint's format
+                raise BridgeError(f'{where}: {at}.format "{group["format"]}" is not read; expected "float-quantized"')
+            inputs = group.get("input_activations")
+            if inputs is not None and _object(inputs, where, f"{at}.input_activations").get("dynamic") is not True:
+                raise BridgeError(
+                    f"{where}: {at}.input_activations are static (input_scale tensors), which are not read;"
+                    " expected dynamic activations"
+                )
+            weights = _object(group.get("weights"), where, f"{at}.weights")
+            _refuse_unknown(weights, cls.WEIGHT_KEYS, cls.WEIGHT_PLAIN, where, f"{at}.weights")
+            if (weights.get("num_bits"), weights.get("type")) != (8, "float"):
+                raise BridgeError(
+                    f"{where}: {at}.weights are {weights.get('num_bits')}-bit {weights.get('type')}; bridgecore reads"
+                    " 8-bit float (FP8) weights"
+                )
+            strategy = weights.get("strategy")
+            if strategy not in cls.STRATEGIES:
+                raise BridgeError(
+                    f"{where}: {at}.weights.strategy {json.dumps(strategy)};"
+                    f" expected one of {', '.join(cls.STRATEGIES)}"
+                )
+            block = weights.get("block_structure")
+            strategies.append(
+                _block(block, where, f"{at}.weights.block_structure") if strategy == "block" else strategy
+            )
+        if not strategies:
+            raise BridgeError(f"{where}: {key}.config_groups is empty; expected the FP8 weights' group")
+        return cls(dict(config), tuple(strategies))
+
+    def grids(self, weight_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         rows, cols = weight_shape[-2:]
-        return (*weight_shape[:-2], math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1]))
+        found = {
+            "tensor": [(1,), ()],
+            "channel": [(*weight_shape[:-2], rows, 1)],
+        }
+        out: list[tuple[int, ...]] = []
+        for strategy in self.strategies:
+            out += found[strategy] if isinstance(strategy, str) else [_grid(weight_shape, strategy)]
+        return out
+
+    def block_of(self, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        rows, cols = weight_shape[-2:]
+        for strategy in self.strategies:
+            if strategy == "tensor" and tuple(scale_shape) in ((1,), ()) and len(weight_shape) == 2:
+                return rows, cols
+            if strategy == "channel" and tuple(scale_shape) == (*weight_shape[:-2], rows, 1):
+                return 1, cols
+            if isinstance(strategy, tuple) and tuple(scale_shape) == _grid(weight_shape, strategy):
+                return strategy
+        return None
+
+    def compute_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        return scale_dtype
+
+    def describe(self) -> str:
+        kinds = sorted(s if isinstance(s, str) else f"blocks {s[0]}x{s[1]}" for s in self.strategies)
+        return f"FP8 compressed-tensors (float-quantized, e4m3, scales per {', '.join(kinds)}, dynamic activations)"
+
+
+#: the ``quant_method`` values read, and their parsers
+METHODS = {"fp8": BlockFP8.parse, "compressed-tensors": CompressedFP8.parse}
+
+
+def parse(config: Any, where: str) -> Quantization:
+    """The quantization ``config`` (a ``quantization_config``) describes, or a one-line refusal."""
+    method = _object(config, where, QUANTIZATION_KEY).get("quant_method")
+    if method not in METHODS:
+        what = f'quant_method "{method}"' if isinstance(method, str) else f"{QUANTIZATION_KEY} without quant_method"
+        raise BridgeError(f"{where}: {what} is not a quantization bridgecore reads; it reads {SUPPORTED}")
+    return METHODS[method](config, where)
 
 
 def detect(
     hf_config: dict[str, Any], hf_dir: Path | None, dtypes: dict[str, torch.dtype], where: str
-) -> BlockFP8 | None:
+) -> Quantization | None:
     """The checkpoint's quantization, from ``config.json`` (``hf_config``, top level or ``text_config``)
     and ModelOpt's ``hf_quant_config.json``; None when it is not quantized. ``dtypes`` are the tensors'
     dtypes: float8 tensors under a config that declares no quantization are refused (their codes are
@@ -110,7 +296,7 @@ def detect(
                 " weight is read only with the quantization that says what its bytes mean"
             )
         return None
-    return BlockFP8.parse(found[0], where)
+    return parse(found[0], where)
 
 
 def without_quantization(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -121,56 +307,56 @@ def without_quantization(hf_config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def scale_name(weight: str) -> str:
-    return weight.removesuffix("weight") + SCALE_SUFFIX
-
-
 class DequantizedReader:
-    """The checkpoint ``hf_dir`` of an FP8 block quantization as its dequantized model, with the
-    interface of :class:`CheckpointReader`: each quantized weight reads as ``dtype`` with its scales
-    applied, and the scales are hidden from :meth:`keys` (:meth:`scales` names them; :meth:`read`
-    still returns one as stored).
+    """The checkpoint ``hf_dir`` of an FP8 quantization as its dequantized model, with the interface of
+    :class:`CheckpointReader`: each quantized weight reads as ``dtype`` with its scales applied, and the
+    scales are hidden from :meth:`keys` (:meth:`scales` names them; :meth:`read` still returns one as
+    stored).
 
     Every pairing is checked from the headers when the reader opens: each float8 tensor has a scale
-    of the block grid's shape and a float dtype, each scale a float8 weight."""
+    of one of the format's grids and a float dtype, each scale a float8 weight."""
 
-    def __init__(self, hf_dir: Path, quantization: BlockFP8, dtype: torch.dtype):
+    def __init__(self, hf_dir: Path, quantization: Quantization, dtype: torch.dtype):
         self.raw = CheckpointReader(hf_dir)
         self.hf_dir, self.quantization, self.target_dtype = self.raw.hf_dir, quantization, dtype
-        self._scales = {scale_name(k): k for k in self.raw.keys() if self.raw.dtype(k) == torch.float8_e4m3fn}
+        q = quantization
+        weights = [k for k in self.raw.keys() if self.raw.dtype(k) == torch.float8_e4m3fn and k.endswith(".weight")]
+        self._scales = {q.scale_name(k): k for k in weights}
+        #: the block of each quantized weight
+        self._blocks: dict[str, tuple[int, int]] = {}
         for name in self.raw.keys():
             self._check(name)
         if not self._scales:
-            raise BridgeError(
-                f"{self.hf_dir}: config.json declares FP8 blocks (quant_method fp8), but no tensor is float8_e4m3fn"
-            )
+            raise BridgeError(f"{self.hf_dir}: config.json declares {q.describe()}, but no weight is float8_e4m3fn")
 
     def _check(self, name: str) -> None:
-        raw = self.raw
+        raw, q = self.raw, self.quantization
         where = f"{raw.file_of(name)}: tensor {name!r}"
         dtype, shape = raw.dtype(name), tuple(raw.shape(name))
         if name in self._scales:
             weight = self._scales[name]
-            expected = self.quantization.scale_shape(tuple(raw.shape(weight)))
-            if shape != expected:
+            weight_shape = tuple(raw.shape(weight))
+            block = q.block_of(weight_shape, shape) if len(weight_shape) >= 2 else None
+            if block is None:
+                grids = " or ".join(str(list(g)) for g in q.grids(weight_shape)) if len(weight_shape) >= 2 else "none"
                 raise BridgeError(
-                    f"{where}: shape {list(shape)}, but {weight!r} {list(raw.shape(weight))} in blocks of"
-                    f" {list(self.quantization.block)} needs scales of shape {list(expected)}"
+                    f"{where}: shape {list(shape)}, but {weight!r} {list(weight_shape)} needs scales of shape {grids}"
                 )
             if dtype not in SCALE_DTYPES:
                 raise BridgeError(f"{where}: {dtype}; expected float scales (float32, bfloat16 or float16)")
-        elif name.endswith(SCALE_SUFFIX):
-            weight = name.removesuffix(SCALE_SUFFIX) + "weight"
+            self._blocks[weight] = block
+        elif name.endswith("." + q.SCALE):
+            weight = name.removesuffix(q.SCALE) + "weight"
             raise BridgeError(
-                f"{where}: a block scale, but {weight!r} is not a float8_e4m3fn weight of this checkpoint"
+                f"{where}: a weight scale, but {weight!r} is not a float8_e4m3fn weight of this checkpoint"
             )
         elif dtype == torch.float8_e4m3fn:
             if not name.endswith(".weight") or len(shape) < 2:
                 raise BridgeError(f"{where}: float8_e4m3fn {list(shape)}; expected a quantized linear's .weight")
-            if scale_name(name) not in raw:
-                raise BridgeError(f"{where}: float8_e4m3fn without its block scales {scale_name(name)!r}")
+            if q.scale_name(name) not in raw:
+                raise BridgeError(f"{where}: float8_e4m3fn without its scales {q.scale_name(name)!r}")
         elif str(dtype).startswith("torch.float8"):
-            raise BridgeError(f"{where}: {dtype}; an FP8 block checkpoint holds float8_e4m3fn weights only")
+            raise BridgeError(f"{where}: {dtype}; an FP8 checkpoint holds float8_e4m3fn weights only")
 
     def __enter__(self) -> DequantizedReader:
         return self
@@ -189,14 +375,14 @@ class DequantizedReader:
         return [k for k in self.raw.keys() if k not in self._scales]
 
     def scales(self) -> list[str]:
-        """The block scales, in checkpoint order."""
+        """The weight scales, in checkpoint order."""
         return [k for k in self.raw.keys() if k in self._scales]
 
     def __contains__(self, name: str) -> bool:
         return name in self.raw
 
     def quantized(self, name: str) -> bool:
-        return scale_name(name) in self._scales
+        return name in self._blocks
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.raw.shape(name)
@@ -216,20 +402,26 @@ class DequantizedReader:
         """``tensor[index]``; a quantized weight's from the blocks the slice touches, dequantized."""
         if not self.quantized(name):
             return self.raw.read(name, index)
-        shape = tuple(self.shape(name))
+        shape, (bm, bn) = tuple(self.shape(name)), self._blocks[name]
         index = normalized_index(index, shape, f"{self.file_of(name)}: tensor {name!r}")
         full = [slice(i, i + 1) if isinstance(i, int) else i for i in index]
         full += [slice(0, size) for size in shape[len(full) :]]
         lead, (rows, cols) = full[:-2], full[-2:]
-        (bm, bn) = self.quantization.block
         blocks = [slice(s.start // b, math.ceil(s.stop / b)) for s, b in ((rows, bm), (cols, bn))]
         covered = [slice(blocks[0].start * bm, min(blocks[0].stop * bm, shape[-2]))]
         covered.append(slice(blocks[1].start * bn, min(blocks[1].stop * bn, shape[-1])))
+        scale = self.quantization.scale_name(name)
+        grid = _grid(shape, (bm, bn))
+        if tuple(self.raw.shape(scale)) == grid:
+            scales = self.raw.read(scale, (*lead, *blocks))
+        else:  # one scale for the tensor, stored as [1] or []
+            scales = self.raw.read(scale, ()).reshape(grid)[(*lead, *blocks)]
         values = dequantize_blocks(
             self.raw.read(name, (*lead, *covered)),
-            self.raw.read(scale_name(name), (*lead, *blocks)),
-            self.quantization.block,
+            scales,
+            (bm, bn),
             self.target_dtype,
+            self.quantization.compute_dtype(scales.dtype),
         )
         values = values[..., rows.start - covered[0].start : rows.stop - covered[0].start, :]
         values = values[..., cols.start - covered[1].start : cols.stop - covered[1].start]
@@ -238,11 +430,15 @@ class DequantizedReader:
 
 
 def dequantize_blocks(
-    weight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    block: tuple[int, int],
+    dtype: torch.dtype,
+    compute: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``weight[..., i, j] * scales[..., i // bm, j // bn]`` in float32, rounded once to ``dtype``; the
-    weight starts on a block boundary (its last block may be partial)."""
+    """``weight[..., i, j] * scales[..., i // bm, j // bn]`` computed in ``compute``, rounded once to
+    ``dtype``; the weight starts on a block boundary (its last block may be partial)."""
     rows, cols = weight.shape[-2:]
-    spread = scales.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    spread = scales.to(compute).repeat_interleave(block[0], dim=-2)[..., :rows, :]
     spread = spread.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return (weight.float() * spread).to(dtype)
+    return (weight.to(compute) * spread).to(dtype)

@@ -20,7 +20,14 @@ import torch
 from bridgecore.casting import exact_cast
 from bridgecore.errors import BridgeError
 from bridgecore.hf.config import CONFIG_FILE, read_config, side_files
-from bridgecore.hf.quantized import QUANTIZATION_KEY, BlockFP8, DequantizedReader, detect, without_quantization
+from bridgecore.hf.quantized import (
+    QUANTIZATION_KEY,
+    DequantizedReader,
+    Quantization,
+    detect,
+    parse,
+    without_quantization,
+)
 from bridgecore.hf.reader import CheckpointReader
 from bridgecore.hf.values import CORE_KEYS, check_values
 from bridgecore.mapping import Binding, HFPiece, MappingTable
@@ -70,10 +77,10 @@ class Bridge:
         self.megatron_keys: frozenset[str] | None = None
         #: the plan this conversion executes (see :meth:`plan_conversion`).
         self.conversion: ConversionPlan | None = None
-        #: the source's quantization when its weights are read dequantized (FP8 blocks; ``hf_config``
+        #: the source's quantization when its weights are read dequantized (FP8; ``hf_config``
         #: is then the dequantized model's config), and where its block scales are read from: the HF
         #: checkpoint, or their copy beside a Megatron checkpoint (``quantized/``).
-        self.quantization: BlockFP8 | None = None
+        self.quantization: Quantization | None = None
         self.scales: CheckpointReader | None = None
         #: whether an HF export also writes the kept block scales and ``quantization_config``: the
         #: input of ``export --quant fp8-block``.
@@ -166,7 +173,7 @@ class Bridge:
         if (ckpt_dir / PASSTHROUGH).is_dir():
             bridge.passthrough_reader = CheckpointReader(ckpt_dir / PASSTHROUGH)
         if meta.get("quantization") is not None:
-            quantization = BlockFP8.parse(meta["quantization"], str(ckpt_dir / META))
+            quantization = parse(meta["quantization"], str(ckpt_dir / META))
             bridge._quantized_by(quantization, CheckpointReader(ckpt_dir / QUANTIZED))
         return bridge
 
@@ -212,7 +219,7 @@ class Bridge:
             training.check_args(bridge.config, *args)
         return bridge
 
-    def _quantized_by(self, quantization: BlockFP8 | None, scales: CheckpointReader | None) -> None:
+    def _quantized_by(self, quantization: Quantization | None, scales: CheckpointReader | None) -> None:
         self.quantization, self.scales = quantization, scales if quantization else None
 
     def scale_names(self) -> list[str]:
@@ -401,7 +408,7 @@ class Bridge:
         return [(name, *merged[name]) for name in order]
 
 
-def _open(hf_dir: Path, hf_config: dict[str, Any]) -> tuple[CheckpointReader, BlockFP8 | None]:
+def _open(hf_dir: Path, hf_config: dict[str, Any]) -> tuple[CheckpointReader, Quantization | None]:
     """The reader of ``hf_dir``'s weights, dequantizing when ``config.json`` declares a quantization
     bridgecore reads (any other is refused with one line), and that quantization. Only headers are read."""
     reader = CheckpointReader(hf_dir)

@@ -437,6 +437,12 @@ def export_fp8_block(
             "--quant fp8-block writes the format of the FP8 release a model was imported from, and this model"
             " has none; import from the FP8 release (or export with --hf-config <the release>)"
         )
+    method = config["quantization_config"].get("quant_method")
+    if method != "fp8":
+        raise BridgeError(
+            f'--quant fp8-block writes FP8 block releases (quant_method "fp8"); this model was imported from a'
+            f" {json.dumps(method)} checkpoint"
+        )
     quantization = BlockFP8.parse(config["quantization_config"], f"{src_dir / 'config.json'}")
     with CheckpointReader(src_dir) as reader:
         keys = reader.keys()
