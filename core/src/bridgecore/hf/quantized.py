@@ -429,6 +429,10 @@ class DequantizedReader:
         return values.reshape([n for dim, n in enumerate(values.shape) if dim not in dropped])
 
 
+#: rows dequantized per step: the float32 temporaries stay this many rows, whatever the tensor's size
+ROWS_PER_STEP = 256
+
+
 def dequantize_blocks(
     weight: torch.Tensor,
     scales: torch.Tensor,
@@ -437,8 +441,16 @@ def dequantize_blocks(
     compute: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``weight[..., i, j] * scales[..., i // bm, j // bn]`` computed in ``compute``, rounded once to
-    ``dtype``; the weight starts on a block boundary (its last block may be partial)."""
+    ``dtype``; the weight starts on a block boundary (its last block may be partial). Computed
+    :data:`ROWS_PER_STEP` rows at a time into the result, so no temporary is larger than that."""
     rows, cols = weight.shape[-2:]
-    spread = scales.to(compute).repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    spread = spread.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return (weight.to(compute) * spread).to(dtype)
+    flat_weight, flat_scales = weight.reshape(-1, cols), scales.reshape(-1, scales.shape[-1])
+    out = torch.empty(weight.shape, dtype=dtype)
+    flat_out = out.view(-1, cols)
+    per_matrix, col_scale = scales.shape[-2], torch.arange(cols) // block[1]
+    for start in range(0, flat_weight.shape[0], ROWS_PER_STEP):
+        stop = min(start + ROWS_PER_STEP, flat_weight.shape[0])
+        flat_rows = torch.arange(start, stop)  # row i of matrix m: scale row m * per_matrix + i // bm
+        spread = flat_scales[flat_rows // rows * per_matrix + flat_rows % rows // block[0]][:, col_scale]
+        flat_out[start:stop] = (flat_weight[start:stop].to(compute) * spread.to(compute)).to(dtype)
+    return out
