@@ -17,7 +17,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
 from bridgecore import AutoBridge
 from bridgecore.errors import BridgeError
-from bridgecore.hf.quantized import BlockFP8, DequantizedReader
+from bridgecore.hf.quantized import BlockFP8, DequantizedReader, amax_of
 from bridgecore.tiny import write_checkpoint
 
 FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
@@ -93,7 +93,8 @@ def test_every_slice_reads_only_its_blocks_and_equals_the_whole(
         ({"quant_method": "awq"}, None, 'quant_method "awq"'),
         ({"quant_method": "mxfp4"}, None, 'quant_method "mxfp4"'),
         ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, None, 'compressed-tensors format "pack-quantized" is not read'),  # noqa: E501
-        ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, None, 'quant_method "modelopt"'),
+        ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, None, 'ModelOpt quant_algo "NVFP4" is not read'),
+        ({"quant_method": "modelopt", "quant_algo": "FP8", "algorithm": "awq"}, None, "quantization.algorithm"),
         ({"bits": 8}, None, "quantization_config without quant_method"),
         ({**FP8, "scale_fmt": "ue8m0"}, None, r"quantization_config.scale_fmt = \"ue8m0\" is not understood"),
         ({**FP8, "group_size": 64}, None, "quantization_config.group_size = 64 is not understood"),
@@ -126,11 +127,22 @@ def test_quantizations_not_read_are_refused_by_name(
     assert "\n" not in str(err.value) and str(tmp_path / "ckpt") in str(err.value)
 
 
-def test_a_modelopt_export_is_refused_by_its_own_file(tmp_path: Path) -> None:
+def test_a_modelopt_export_is_read_by_its_own_file(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "ckpt", LLAMA, {"norm.weight": torch.ones(4, dtype=torch.bfloat16)})
     (tmp_path / "ckpt" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
-    with pytest.raises(BridgeError, match="hf_quant_config.json: a ModelOpt real-quant export"):
+    with pytest.raises(BridgeError, match='hf_quant_config.json: ModelOpt quant_algo "NVFP4" is not read'):
         AutoBridge.from_hf_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "hf_quant_config.json").write_text("{")
+    with pytest.raises(BridgeError, match="hf_quant_config.json: not valid JSON"):
+        AutoBridge.from_hf_pretrained(tmp_path / "ckpt")
+
+
+def test_amax_of_a_scale_divides_back_to_it_exactly() -> None:
+    scales = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 10 / 448  # as ModelOpt divides
+    assert torch.equal(amax_of(scales) / 448, scales)
+    not_made = torch.tensor(0.0013203048147261143)  # no float32 divides by 448 to it
+    with pytest.raises(BridgeError, match="x.input_scale: no float32 amax divides by 448"):
+        amax_of(not_made, "x.input_scale")
 
 
 def test_a_release_without_a_dtype_is_refused(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def test_what_bridgecore_does_not_write_back_is_said(tmp_path: Path) -> None:
     lines = ok("inspect", tmp_path / "ct").splitlines()
     summary = next(line for line in lines if line.startswith("quantization"))
     assert "FP8 compressed-tensors (float-quantized, e4m3, scales per channel, tensor" in summary, summary
-    assert "kept for export" not in summary
+    assert "written again" not in summary
     done = run_cli("roundtrip", str(tmp_path / "ct"))
     assert done.returncode != 0 and "is read, not written, by bridgecore" in done.stderr, done.stderr
     with pytest.raises(BridgeError, match='this model was imported from a "compressed-tensors" checkpoint'):

@@ -442,11 +442,11 @@ def quantization_summary(bridge: AutoBridge) -> list[str]:
     q = bridge.quantization
     if q is None:
         return []
-    weights = [n.removesuffix(q.SCALE) + "weight" for n in bridge.scale_names()]
+    weights = bridge.quantized_weights()
     kinds = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in weights})
     dtype = str(bridge.config.params_dtype).removeprefix("torch.")
     return [
         f"quantization  {q.describe()}: {len(weights)} weights read dequantized to {dtype}"
-        + (f"; their scales are kept for export --quant {q.FORMAT}" if q.FORMAT else ""),
+        + (f"; written again by export --quant {q.FORMAT}" if q.FORMAT else ""),
         *(f"  {kind}" for kind in kinds),
     ]

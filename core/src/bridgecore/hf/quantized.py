@@ -33,8 +33,8 @@ QUANTIZATION_KEY = "quantization_config"
 #: ModelOpt's own description of a real-quant export, beside config.json.
 MODELOPT_FILE = "hf_quant_config.json"
 SUPPORTED = (
-    'FP8 weights with float scales: FP8 blocks (quant_method "fp8", weight_scale_inv) and compressed-tensors'
-    ' "float-quantized" (weight_scale per tensor, channel or block)'
+    'FP8 weights with float scales: FP8 blocks (quant_method "fp8", weight_scale_inv), compressed-tensors'
+    ' "float-quantized" (weight_scale per tensor, channel or block) and ModelOpt FP8 (per-tensor weight_scale)'
 )
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -89,6 +89,11 @@ class Quantization:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def renamed(self, name: str) -> str | None:
+        """The calibration tensor (``*_quantizer._amax``) a scale tensor ``name`` is read as, for formats
+        whose scales the quant plugin keeps as amax; None: the scale is kept as stored."""
+        return None
 
     def scale_name(self, weight: str) -> str:
         return weight.removesuffix("weight") + self.SCALE
@@ -260,8 +265,93 @@ class CompressedFP8(Quantization):
         return f"FP8 compressed-tensors (float-quantized, e4m3, scales per {', '.join(kinds)}, dynamic activations)"
 
 
+E4M3_MAX = 448.0
+
+
+def amax_of(scale: torch.Tensor, name: str = "scale") -> torch.Tensor:
+    """The float32 amax whose ``amax / 448`` (float32) is ``scale`` exactly, as ModelOpt's FP8 export
+    divided one: ``scale * 448``, or where that rounds off, its neighbouring float. A scale that no
+    float32 divides to (not one such an export wrote) is refused, naming ``name``."""
+    target = scale.float()
+    amax = target * E4M3_MAX
+    for _ in range(2):
+        quotient = amax / E4M3_MAX
+        amax = torch.where(quotient < target, torch.nextafter(amax, amax + 1), amax)
+        amax = torch.where(quotient > target, torch.nextafter(amax, amax - 1), amax)
+    if not torch.equal(amax / E4M3_MAX, target):
+        raise BridgeError(
+            f"{name}: no float32 amax divides by 448 to its value; not a scale ModelOpt's FP8 export made"
+        )
+    return amax
+
+
+@dataclass(frozen=True)
+class ModelOptFP8(Quantization):
+    """ModelOpt's FP8 real-quant export (``hf_quant_config.json`` ``quant_algo: FP8``): per-tensor
+    ``weight_scale`` (``[E]`` for stacked experts) and ``input_scale``, and ``k_proj.k_scale`` /
+    ``v_proj.v_scale`` of an FP8 KV cache. Read as the calibrated model the quant plugin converts:
+    weights dequantized, each scale as the amax it was made from (``*_quantizer._amax``, the one
+    float32 value whose ``/ 448`` is the scale), so ``export --quant fp8`` writes the scales again."""
+
+    FORMAT: ClassVar[str | None] = "fp8"
+    SCALE: ClassVar[str] = "weight_scale"
+    #: hf_quant_config.json's ``quantization`` keys, and those of config.json's ``quantization_config``
+    #: as newer ModelOpt writes it (``config_groups`` and ``kv_cache_scheme`` restate the algorithms)
+    KEYS: ClassVar[set[str]] = {
+        "quant_method",
+        "quant_algo",
+        "kv_cache_quant_algo",
+        "exclude_modules",
+        "ignore",
+        "config_groups",
+        "kv_cache_scheme",
+        "producer",
+    }
+    RENAMES: ClassVar[dict[str, str]] = {
+        ".weight_scale": ".weight_quantizer._amax",
+        ".input_scale": ".input_quantizer._amax",
+        ".k_proj.k_scale": ".k_bmm_quantizer._amax",
+        ".v_proj.v_scale": ".v_bmm_quantizer._amax",
+    }
+
+    @classmethod
+    def parse(cls, config: Any, where: str) -> ModelOptFP8:
+        """``config``: hf_quant_config.json's ``quantization`` object, or config.json's ``quantization_config``
+        with ``quant_method: modelopt``; the record says ``quant_method: modelopt`` either way."""
+        config = {"quant_method": "modelopt", **_object(config, where, "quantization")}
+        algo = config.get("quant_algo")
+        if algo != "FP8":
+            raise BridgeError(
+                f"{where}: ModelOpt quant_algo {json.dumps(algo)} is not read; bridgecore reads ModelOpt's per-tensor"
+                ' "FP8" (it writes NVFP4 with --quant nvfp4 but does not read it yet)'
+            )
+        _refuse_unknown(config, cls.KEYS, {}, where, "quantization")
+        kv = config.get("kv_cache_quant_algo")
+        if kv not in (None, "FP8"):
+            raise BridgeError(f"{where}: ModelOpt kv_cache_quant_algo {json.dumps(kv)}; expected FP8 or null")
+        return cls(dict(config))
+
+    def block_of(self, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        lead = tuple(weight_shape[:-2])
+        if tuple(scale_shape) in ((), (1,)) and not lead or lead and tuple(scale_shape) == lead:
+            return tuple(weight_shape[-2:])  # type: ignore[return-value]
+        return None
+
+    def grids(self, weight_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        lead = tuple(weight_shape[:-2])
+        return [lead] if lead else [(), (1,)]
+
+    def describe(self) -> str:
+        kv = ", FP8 KV cache" if self.config.get("kv_cache_quant_algo") == "FP8" else ""
+        return f"ModelOpt FP8 (per-tensor weight and input scales{kv})"
+
+    def renamed(self, name: str) -> str | None:
+        suffix = next((s for s in self.RENAMES if name.endswith(s)), None)
+        return None if suffix is None else name.removesuffix(suffix) + self.RENAMES[suffix]
+
+
 #: the ``quant_method`` values read, and their parsers
-METHODS = {"fp8": BlockFP8.parse, "compressed-tensors": CompressedFP8.parse}
+METHODS = {"fp8": BlockFP8.parse, "compressed-tensors": CompressedFP8.parse, "modelopt": ModelOptFP8.parse}
 
 
 def parse(config: Any, where: str) -> Quantization:
@@ -280,11 +370,13 @@ def detect(
     and ModelOpt's ``hf_quant_config.json``; None when it is not quantized. ``dtypes`` are the tensors'
     dtypes: float8 tensors under a config that declares no quantization are refused (their codes are
     no weights without their scales)."""
-    if hf_dir is not None and (Path(hf_dir) / MODELOPT_FILE).is_file():
-        raise BridgeError(
-            f"{Path(hf_dir) / MODELOPT_FILE}: a ModelOpt real-quant export (FP8 / NVFP4 with weight_scale and"
-            f" input_scale) is not a format bridgecore reads; it reads {SUPPORTED}"
-        )
+    modelopt = Path(hf_dir) / MODELOPT_FILE if hf_dir is not None else None
+    if modelopt is not None and modelopt.is_file():
+        try:
+            document = json.loads(modelopt.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BridgeError(f"{modelopt}: not valid JSON ({err})") from None
+        return ModelOptFP8.parse(_object(document, str(modelopt), MODELOPT_FILE).get("quantization"), str(modelopt))
     text = hf_config.get("text_config")
     holders = [hf_config, *([text] if isinstance(text, dict) else [])]
     found = [h[QUANTIZATION_KEY] for h in holders if h.get(QUANTIZATION_KEY) is not None]
@@ -324,6 +416,9 @@ class DequantizedReader:
         self._scales = {q.scale_name(k): k for k in weights}
         #: the block of each quantized weight
         self._blocks: dict[str, tuple[int, int]] = {}
+        #: the amax each scale the quantization keeps as calibration is read as: amax name -> scale name
+        self._amax = {q.renamed(k): k for k in self.raw.keys() if q.renamed(k)}
+        self._renamed = {v: k for k, v in self._amax.items()}
         for name in self.raw.keys():
             self._check(name)
         if not self._scales:
@@ -350,6 +445,12 @@ class DequantizedReader:
             raise BridgeError(
                 f"{where}: a weight scale, but {weight!r} is not a float8_e4m3fn weight of this checkpoint"
             )
+        elif name in self._renamed:
+            if dtype not in SCALE_DTYPES:
+                raise BridgeError(f"{where}: {dtype}; expected a float scale")
+            weight = name.rpartition(".")[0] + ".weight"
+            if name.endswith(".input_scale") and weight not in self._scales.values():
+                raise BridgeError(f"{where}: an input scale, but {weight!r} is not a float8_e4m3fn weight")
         elif dtype == torch.float8_e4m3fn:
             if not name.endswith(".weight") or len(shape) < 2:
                 raise BridgeError(f"{where}: float8_e4m3fn {list(shape)}; expected a quantized linear's .weight")
@@ -372,34 +473,49 @@ class DequantizedReader:
         return self.raw.bytes_read
 
     def keys(self) -> list[str]:
-        return [k for k in self.raw.keys() if k not in self._scales]
+        """The dequantized model's tensors: each scale kept as calibration under its amax name (in its
+        place), the others left out, every other tensor as stored."""
+        return [self._renamed.get(k, k) for k in self.raw.keys() if k not in self._scales or k in self._renamed]
 
     def scales(self) -> list[str]:
-        """The weight scales, in checkpoint order."""
-        return [k for k in self.raw.keys() if k in self._scales]
+        """The weight scales kept as stored (not as amax), in checkpoint order."""
+        return [k for k in self.raw.keys() if k in self._scales and k not in self._renamed]
+
+    def weights(self) -> list[str]:
+        """The quantized weights, in checkpoint order."""
+        return list(self._blocks)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.raw
+        return name in self.raw or name in self._amax
 
     def quantized(self, name: str) -> bool:
         return name in self._blocks
 
+    def _source(self, name: str) -> str:
+        return self._amax.get(name, name)
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.raw.shape(name)
+        return self.raw.shape(self._source(name))
 
     def dtype(self, name: str) -> torch.dtype:
+        if name in self._amax:
+            return torch.float32
         return self.target_dtype if self.quantized(name) else self.raw.dtype(name)
 
     def file_of(self, name: str) -> Path:
-        return self.raw.file_of(name)
+        return self.raw.file_of(self._source(name))
 
     def nbytes(self, name: str) -> int:
-        return (
-            math.prod(self.shape(name)) * self.dtype(name).itemsize if self.quantized(name) else self.raw.nbytes(name)
-        )
+        if self.quantized(name) or name in self._amax:
+            return math.prod(self.shape(name)) * self.dtype(name).itemsize
+        return self.raw.nbytes(name)
 
     def read(self, name: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
-        """``tensor[index]``; a quantized weight's from the blocks the slice touches, dequantized."""
+        """``tensor[index]``; a quantized weight's from the blocks the slice touches, dequantized; an amax
+        from its scale."""
+        if name in self._amax:
+            source = self._amax[name]
+            return amax_of(self.raw.read(source, ()), f"{self.file_of(name)}: tensor {source!r}")[index]
         if not self.quantized(name):
             return self.raw.read(name, index)
         shape, (bm, bn) = tuple(self.shape(name)), self._blocks[name]

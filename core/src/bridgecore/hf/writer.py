@@ -29,6 +29,7 @@ from bridgecore.errors import BridgeError
 from bridgecore.hf.config import CONFIG_FILE, copy_side_files
 from bridgecore.hf.dtypes import code_of, data_bytes, layout_rank
 from bridgecore.hf.header import METADATA_KEY, encode_header
+from bridgecore.hf.quantized import MODELOPT_FILE
 from bridgecore.hf.reader import INDEX_FILE, SINGLE_FILE
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -232,7 +233,8 @@ class ShardedWriter:
     ) -> None:
         """Verify, finish and move the checkpoint to `out_dir`; `written_by_all` holds every process's `written()`.
 
-        `config`, when given, is written as config.json, in place of the side files' copy."""
+        `config`, when given, is written as config.json in place of the side files' copy, which leaves out
+        the source's description of its quantization (ModelOpt's hf_quant_config.json) too."""
         temp_dir = self._require_temp_dir()
         check_target(self.out_dir, overwrite)
         self._check_coverage([item for written in written_by_all for item in written])
@@ -246,6 +248,7 @@ class ShardedWriter:
                 copy_side_files(Path(side_files_from), temp_dir)
             if config is not None:
                 (temp_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+                (temp_dir / MODELOPT_FILE).unlink(missing_ok=True)
             _fsync_dir(temp_dir)
         move_into_place(temp_dir, self.out_dir)
         self.temp_dir = None

@@ -174,7 +174,8 @@ class Bridge:
             bridge.passthrough_reader = CheckpointReader(ckpt_dir / PASSTHROUGH)
         if meta.get("quantization") is not None:
             quantization = parse(meta["quantization"], str(ckpt_dir / META))
-            bridge._quantized_by(quantization, CheckpointReader(ckpt_dir / QUANTIZED))
+            kept = ckpt_dir / QUANTIZED  # none where the quantization keeps its scales as amax
+            bridge._quantized_by(quantization, CheckpointReader(kept) if kept.is_dir() else None)
         return bridge
 
     @classmethod
@@ -221,6 +222,16 @@ class Bridge:
 
     def _quantized_by(self, quantization: Quantization | None, scales: CheckpointReader | None) -> None:
         self.quantization, self.scales = quantization, scales if quantization else None
+
+    def quantized_weights(self) -> list[str]:
+        """The weights a quantized source stores quantized (read dequantized)."""
+        if isinstance(self.reader, DequantizedReader):
+            return self.reader.weights()
+        return (
+            [n.removesuffix(self.quantization.SCALE) + "weight" for n in self.scale_names()]
+            if self.quantization
+            else []
+        )
 
     def scale_names(self) -> list[str]:
         """The kept block scales of a quantized source, in its order."""
