@@ -1,6 +1,6 @@
 """Quantized HF checkpoints as input: detection from ``config.json``, and FP8 weights read dequantized.
 
-Two formats are read, each weight ``<m>.weight`` [..., rows, cols] in ``float8_e4m3fn`` with float
+Three formats are read, each weight ``<m>.weight`` [..., rows, cols] in ``float8_e4m3fn`` with float
 scales, element (i, j) being ``weight[i, j] * scale[i // bm, j // bn]`` for the format's block (bm, bn):
 
 - FP8 block-scaled releases (DeepSeek-V3, Qwen3.5/3.6 ``-FP8``): ``quantization_config``
@@ -11,6 +11,9 @@ scales, element (i, j) being ``weight[i, j] * scale[i // bm, j // bn]`` for the 
   ``quant_method: compressed-tensors``, scales ``<m>.weight_scale`` per tensor ([1]), per output
   channel ([rows, 1]) or per block; the product is computed in the scale's dtype and then rounded to
   the model's (the library's ``dequantize``).
+- ModelOpt FP8 exports (``hf_quant_config.json`` ``quant_algo: FP8``): per-tensor ``weight_scale``
+  and ``input_scale``, FP8 KV cache scales; the product in float32. The scales are read as the amax
+  they were made from (``*_quantizer._amax``), the calibration the quant plugin converts.
 
 :class:`DequantizedReader` presents every such weight as that product and reads only the blocks a
 slice touches. Every other quantization is refused by name, with what is supported.
