@@ -198,11 +198,12 @@ def save_hf(
     if quant not in formats:
         raise BridgeError(f"--quant {quant}: no installed plugin offers it; {install_hint('bridgecore-quant')}")
     # The calibrated export is staged beside the target (same filesystem), on rank 0's choice, with
-    # the block scales of a quantized source it was imported from.
-    bridge.export_scales = True
+    # the block scales of a quantized source it was imported from (for this save only: the bridge may
+    # be the caller's, and its plain exports stay plain).
     rank = parallel.rank()
     made = tempfile.mkdtemp(prefix=temporary_prefix(target, "staging"), dir=target.parent) if rank == 0 else None
     staging = Path(parallel.broadcast_object(made))
+    bridge.export_scales = True
     try:
         bridge.save_hf_pretrained(model, staging / "calibrated", max_shard_size=max_shard_size)
         if rank == 0:
@@ -210,6 +211,7 @@ def save_hf(
             size = max_shard_size or DEFAULT_MAX_SHARD_SIZE
             formats[quant](staging / "calibrated", target, overwrite, max_shard_size=size)
     finally:
+        bridge.export_scales = False
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -224,14 +224,8 @@ class Bridge:
         self.quantization, self.scales = quantization, scales if quantization else None
 
     def quantized_weights(self) -> list[str]:
-        """The weights a quantized source stores quantized (read dequantized)."""
-        if isinstance(self.reader, DequantizedReader):
-            return self.reader.weights()
-        return (
-            [n.removesuffix(self.quantization.SCALE) + "weight" for n in self.scale_names()]
-            if self.quantization
-            else []
-        )
+        """The weights a quantized HF source stores quantized (read dequantized)."""
+        return self.reader.weights() if isinstance(self.reader, DequantizedReader) else []
 
     def scale_names(self) -> list[str]:
         """The kept block scales of a quantized source, in its order."""

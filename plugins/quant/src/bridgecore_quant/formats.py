@@ -46,6 +46,8 @@ from bridgecore_quant.amax import (
 )
 
 PRODUCER = {"name": "bridgecore-quant", "version": "0.4.0"}
+#: what names an FP8 block release's scales (``<m>.weight_scale_inv``)
+BLOCK_SCALE = ".weight_scale_inv"
 _KV_SCALE = {KV_AMAX[0]: "k_proj.k_scale", KV_AMAX[1]: "v_proj.v_scale"}
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
@@ -378,23 +380,41 @@ def export(
         exclude = exclude_patterns(unquantized_modules(reader, keys, quantized, config), quantized)
         hf_quant = quant_config(fmt, exclude, any(k.endswith(KV_AMAX) for k in keys))
         config["quantization_config"] = config_quantization(hf_quant)
-        writer = ShardedWriter(out_dir, list(_planned(reader, keys, fmt, quantized)), max_shard_size)
-        temp_dir = writer.create()
-        try:
-            for name, tensor in _converted(reader, keys, fmt, quantized):
-                writer.write(name, tensor)
-            copy_side_files(src_dir, temp_dir)
-            _write_json(temp_dir / "config.json", config)
-            _write_json(temp_dir / "hf_quant_config.json", hf_quant)
-            writer.commit([writer.written()], overwrite=overwrite)
-        except BaseException:
-            writer.abort()
-            raise
+        _write(
+            src_dir,
+            out_dir,
+            _planned(reader, keys, fmt, quantized),
+            _converted(reader, keys, fmt, quantized),
+            {"config.json": config, "hf_quant_config.json": hf_quant},
+            overwrite,
+            max_shard_size,
+        )
     return out_dir
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+def _write(
+    src_dir: Path,
+    out_dir: Path,
+    planned: Planned,
+    tensors: Tensors,
+    documents: dict[str, Any],
+    overwrite: bool,
+    max_shard_size: str | int,
+) -> None:
+    """``out_dir``, whole or not at all: ``tensors`` (laid out as ``planned``), ``src_dir``'s side files, and
+    the JSON ``documents`` by file name over them."""
+    writer = ShardedWriter(out_dir, list(planned), max_shard_size)
+    temp_dir = writer.create()
+    try:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        copy_side_files(src_dir, temp_dir)
+        for file, document in documents.items():
+            (temp_dir / file).write_text(json.dumps(document, indent=2) + "\n")
+        writer.commit([writer.written()], overwrite=overwrite)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def export_fp8(
@@ -413,9 +433,6 @@ def export_nvfp4(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     return export("nvfp4", src_dir, out_dir, overwrite, max_shard_size)
-
-
-BLOCK_SCALE = ".weight_scale_inv"
 
 
 def export_fp8_block(
@@ -472,14 +489,5 @@ def export_fp8_block(
                 yield key, codes
                 yield scales[module_of(key)], block_scales
 
-        writer = ShardedWriter(out_dir, list(planned()), max_shard_size)
-        temp_dir = writer.create()
-        try:
-            for name, tensor in converted():
-                writer.write(name, tensor)
-            copy_side_files(src_dir, temp_dir)
-            writer.commit([writer.written()], overwrite=overwrite)
-        except BaseException:
-            writer.abort()
-            raise
+        _write(src_dir, out_dir, planned(), converted(), {}, overwrite, max_shard_size)
     return out_dir
